@@ -1,0 +1,102 @@
+"""The ModelRunner interface every backend implements, and the batch types it consumes.
+
+A runner owns the model weights and the paged KV cache of one instance. The engine owns the
+block tables (which block holds which tokens); the runner only reads and writes the slots it is
+told to. Caller: the engine loop, on one thread per instance. All calls block until done.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pd_serve.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What a runner needs to start: checkpoint, framework, device and KV cache size."""
+
+    model_dir: str
+    backend: str = "mindspore"
+    device: str = "cpu"  # torch: cpu | cuda | cuda:N; mindspore: cpu | ascend
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (CPU runs float32)
+    block_size: int = 16
+    num_blocks: int = 512
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    threads: int | None = None  # host threads for CPU execution (None: framework default)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a prefill batch.
+
+    `token_ids` are computed now at positions `start_pos .. start_pos + len - 1`; the first
+    `start_pos` tokens are already in the KV cache (prefix-cache hit or an earlier chunk).
+    `block_table` lists the blocks that hold positions 0 .. start_pos + len - 1, in order.
+    """
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+
+
+@dataclass
+class PrefillBatch:
+    seqs: list[SeqChunk]
+    return_all_logits: bool = False  # tests: logits for every new token, not just the last
+
+
+@dataclass
+class DecodeBatch:
+    """One new token per sequence at `positions[i]` (= tokens already cached for it)."""
+
+    token_ids: list[int]
+    positions: list[int]
+    block_tables: list[list[int]] = field(default_factory=list)
+
+
+class ModelRunner(ABC):
+    """Runs prefill and decode over a paged KV cache.
+
+    Lifecycle: 1. constructed from a RunnerConfig (loads weights, allocates the cache of
+    `num_blocks` blocks plus one scratch block for padding writes); 2. `prefill` / `decode` any
+    number of times; 3. `close` releases device memory. The runner never frees blocks: the
+    engine's block manager decides which blocks are in use.
+    """
+
+    model_config: ModelConfig
+    block_size: int
+    num_blocks: int
+
+    @abstractmethod
+    def prefill(self, batch: PrefillBatch) -> np.ndarray | list[np.ndarray]:
+        """Writes K/V of the new tokens into their slots and returns float32 logits of each
+        sequence's last token, [num_seqs, vocab] (with `return_all_logits`: a list of
+        [len(token_ids), vocab] arrays)."""
+
+    @abstractmethod
+    def decode(self, batch: DecodeBatch) -> np.ndarray:
+        """Writes K/V of one token per sequence and returns float32 logits [num_seqs, vocab]."""
+
+    @abstractmethod
+    def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
+        """Copies the first `num_tokens` tokens' K/V out of the cache:
+        [num_layers, 2, num_tokens, num_kv_heads, head_dim] (for hand-off and tests)."""
+
+    @abstractmethod
+    def write_kv(self, block_table: list[int], kv: np.ndarray) -> None:
+        """Writes K/V laid out as `read_kv` returns into the slots of `block_table`."""
+
+    def close(self) -> None:
+        """Releases device memory; the runner must not be used afterwards."""

@@ -1,0 +1,162 @@
+"""Frozen configuration dataclasses per concern, composed into one ServeConfig, with YAML I/O.
+
+Loading is strict: an unknown key or a value of the wrong type raises ValueError naming the
+field (`scheduler.max_num_seqs: expected int, got 'x'`). Values discovered at run time (such as
+the number of KV blocks that fit in memory) are runtime state, never written back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which checkpoint to serve and on what."""
+
+    path: str = "models/shakespeare-llama"
+    name: str = "shakespeare-llama"  # the id clients pass as `model`
+    backend: str = "mindspore"  # mindspore | torch
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("mindspore", "torch"):
+            raise ValueError(f"model.backend must be mindspore or torch, got {self.backend!r}")
+        if not self.name:
+            raise ValueError("model.name must not be empty")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"model.threads must be positive, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: `num_blocks` blocks of `block_size` tokens each."""
+
+    block_size: int = 16
+    num_blocks: int = 1024
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"cache.block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks <= 0:
+            raise ValueError(f"cache.num_blocks must be positive, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits per engine step."""
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"scheduler.max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError("scheduler.max_num_batched_tokens must be positive, "
+                             f"got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"scheduler.max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP front end."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    max_tokens_default: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"server.port must be in 0..65535, got {self.port}")
+        if self.max_tokens_default <= 0:
+            raise ValueError("server.max_tokens_default must be positive")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything one serving process needs."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Builds dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where or cls.__name__}: unknown key(s) {unknown} "
+                         f"(allowed: {sorted(names)})")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{where + ': ' if where else ''}{exc}") from exc
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config (tuples as lists), suitable for YAML."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_yaml(cls: type, path: str | Path) -> Any:
+    """Reads a YAML file into `cls`; errors name the file and the field."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read config ({exc})") from exc
+    try:
+        return from_dict(cls, data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    return load_yaml(ServeConfig, path)

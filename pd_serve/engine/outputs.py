@@ -1,0 +1,31 @@
+"""What the engine reports per request and step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled by the caller or failed
+
+
+@dataclass
+class RequestOutput:
+    """Incremental result of one request after one engine step.
+
+    `new_token_ids` / `text_delta` hold only what this step added; `text` is everything so far
+    (with a matched stop string removed unless asked to keep it).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -1,0 +1,1 @@
+"""Model architectures (Llama/Qwen family), Hugging Face checkpoint loading and tokenizers."""

@@ -1,0 +1,84 @@
+"""Tokenizer for a Hugging Face model directory: `tokenizer.json` plus the chat template and
+special tokens from `tokenizer_config.json`; includes incremental detokenization for streaming."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+class Tokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer` with a Jinja chat template."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"model directory {model_dir} has no tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(path))
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        cfg_path = model_dir / "tokenizer_config.json"
+        self._cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template: str | None = self._cfg.get("chat_template")
+        self.bos_token: str | None = _token_text(self._cfg.get("bos_token"))
+        self.eos_token: str | None = _token_text(self._cfg.get("eos_token"))
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True) -> str:
+        """Renders messages with the model's template (raises ValueError if it has none)."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as exc:
+            raise ValueError(f"chat template failed: {exc}") from exc
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting multi-byte
+    characters: text is only released once it no longer ends in a replacement character.
+
+    Lifecycle: 1. created per request; 2. `push(new_ids)` after each step returns the new text;
+    3. `text` holds everything released so far.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self.text = ""
+
+    def push(self, new_ids: list[int]) -> str:
+        self._ids.extend(new_ids)
+        full = self._tok.decode(self._ids)
+        if full.endswith("\ufffd"):
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text = full
+        return delta
