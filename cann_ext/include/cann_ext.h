@@ -1,0 +1,202 @@
+/*
+ * cann_ext: the one transport API of pd-serve's KV hand-off, plus the host-side block copy
+ * kernels (gather / RecvScatter) that every transport needs.
+ *
+ * One API, several backends: host TCP (always built), NCCL and HCCL (built with the CMake
+ * options CANN_EXT_WITH_NCCL / CANN_EXT_WITH_HCCL; vendor libraries are loaded at run time).
+ *
+ * WHAT IS BUILT TODAY (host-only first build):
+ *   - version, status strings and the per-thread detail message;
+ *   - endpoint create/destroy and memory registration bookkeeping (no I/O);
+ *   - cx_gather_blocks / cx_scatter_blocks.
+ * Everything that needs the network (cx_endpoint_conn_id, cx_endpoint_connect,
+ * cx_endpoint_accept, cx_mem_export, cx_mem_import, cx_post, cx_test, cx_wait) is declared with
+ * its final signature but returns CX_ERR_UNSUPPORTED ("not built yet") in this build.
+ *
+ * Endpoint lifecycle:
+ *   1. cx_endpoint_create: allocate an endpoint for one backend (no I/O yet).
+ *   2. cx_mem_register: register every buffer that transfers will touch (KV cache, slot buffers);
+ *      the caller keeps the memory alive and unmoved until cx_mem_deregister.
+ *   3. cx_endpoint_conn_id on the listening side; the blob travels out of band (our control
+ *      plane) to the peer, which calls cx_endpoint_connect; the listener calls cx_endpoint_accept.
+ *   4. For one-sided WRITE/READ, cx_mem_export a region, send the blob, cx_mem_import it on the
+ *      peer side.
+ *   5. cx_post a batch of transfers; poll cx_test or block in cx_wait until it completes.
+ *   6. cx_mem_deregister every region, then cx_endpoint_destroy.
+ *
+ * Threading: one endpoint is used by one thread at a time. The copy kernels, the version and the
+ * status strings are safe from any thread. Every function returns a cx_status; on failure
+ * cx_last_error() gives a one-line detail for the calling thread.
+ */
+#ifndef CANN_EXT_H
+#define CANN_EXT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define CX_API __attribute__((visibility("default")))
+#else
+#define CX_API
+#endif
+
+/* Bumped whenever a signature or struct below changes; the Python loader refuses a mismatch. */
+#define CX_ABI_VERSION 1
+#define CX_VERSION_STRING "0.1.0"
+
+/* Timeout value meaning "wait forever". */
+#define CX_TIMEOUT_INFINITE UINT32_MAX
+/* Largest connection id blob (HCCL's root info is 4108 bytes, NCCL's unique id 128). */
+#define CX_CONN_ID_MAX_BYTES 4352
+/* Largest exported memory descriptor blob (HCCL's HcclMemDesc is 512 bytes). */
+#define CX_MEM_DESC_MAX_BYTES 1024
+
+typedef enum cx_status {
+    CX_OK = 0,
+    CX_ERR_INVALID_ARG = 1,  /* a NULL pointer, a zero size, a bad enum value, buffers overlap */
+    CX_ERR_OUT_OF_RANGE = 2, /* a block id, offset or length outside its buffer */
+    CX_ERR_NO_MEMORY = 3,
+    CX_ERR_UNSUPPORTED = 4,  /* not built yet, or not available in this build */
+    CX_ERR_NOT_FOUND = 5,    /* unknown memory handle, peer or request */
+    CX_ERR_EXISTS = 6,       /* a registration overlapping an already registered range */
+    CX_ERR_BUSY = 7,         /* the object still has live registrations, peers or requests */
+    CX_ERR_TIMEOUT = 8,
+    CX_ERR_CONNECTION = 9,   /* the peer went away or refused */
+    CX_ERR_BACKEND = 10,     /* the vendor library (NCCL/HCCL) reported an error */
+    CX_ERR_INTERNAL = 11     /* a broken invariant inside cann_ext: a bug */
+} cx_status;
+
+typedef enum cx_backend {
+    CX_BACKEND_HOST_TCP = 0, /* host memory over TCP; always compiled in */
+    CX_BACKEND_NCCL = 1,     /* CUDA device memory; CANN_EXT_WITH_NCCL */
+    CX_BACKEND_HCCL = 2      /* Ascend device memory; CANN_EXT_WITH_HCCL */
+} cx_backend;
+
+typedef enum cx_mem_kind {
+    CX_MEM_HOST = 0,
+    CX_MEM_DEVICE = 1 /* device memory of cx_endpoint_config.device_id; NCCL/HCCL only */
+} cx_mem_kind;
+
+typedef enum cx_op {
+    CX_OP_SEND = 0,  /* two-sided: matched by the peer's CX_OP_RECV with the same tag */
+    CX_OP_RECV = 1,
+    CX_OP_WRITE = 2, /* one-sided: local region -> imported remote region */
+    CX_OP_READ = 3   /* one-sided: imported remote region -> local region */
+} cx_op;
+
+typedef struct cx_endpoint cx_endpoint; /* opaque */
+typedef uint32_t cx_mem_handle;         /* a local registration; 0 is never valid */
+typedef uint32_t cx_remote_handle;      /* an imported peer registration; 0 is never valid */
+typedef uint32_t cx_peer;               /* a connected peer of one endpoint */
+typedef uint64_t cx_request;            /* one posted batch; freed once cx_test/cx_wait say done */
+
+typedef struct cx_endpoint_config {
+    cx_backend backend;
+    int32_t device_id;          /* -1 for host; the CUDA / Ascend device otherwise */
+    const char *bind_address;   /* host TCP: "ip:port" to listen on ("127.0.0.1:0" = any port) */
+    uint32_t timeout_ms;        /* default for connect/accept/wait; CX_TIMEOUT_INFINITE allowed */
+    uint32_t max_inflight;      /* posted batches not yet completed; 0 = backend default */
+} cx_endpoint_config;
+
+/* One byte range of a batch. */
+typedef struct cx_xfer {
+    cx_mem_handle local;        /* registered region on this side */
+    uint64_t local_offset;      /* bytes from the region's start */
+    uint64_t length;            /* bytes to move; > 0 */
+    cx_remote_handle remote;    /* WRITE/READ: imported region; SEND/RECV: 0 */
+    uint64_t remote_offset;     /* WRITE/READ: bytes from the remote region's start */
+    uint32_t tag;               /* SEND/RECV: matching key; WRITE/READ: 0 */
+} cx_xfer;
+
+/* A paged KV cache seen as num_planes planes (one per layer and K|V) of num_blocks blocks. */
+typedef struct cx_block_layout {
+    uint64_t num_planes;   /* num_layers * 2 for a [num_layers, 2, num_blocks, ...] cache */
+    uint64_t num_blocks;   /* blocks per plane; valid block ids are [0, num_blocks) */
+    uint64_t block_bytes;  /* bytes of one block within one plane */
+    uint64_t plane_stride; /* bytes from plane p to plane p + 1 in the paged cache */
+    uint64_t block_stride; /* bytes from block b to block b + 1 within one plane */
+} cx_block_layout;
+
+/* ---- version and errors (built) ---- */
+
+CX_API const char *cx_version(void);
+CX_API int cx_abi_version(void);
+/* Static text naming a status; never NULL ("unknown status" for values outside the enum). */
+CX_API const char *cx_status_string(cx_status status);
+/* Detail of the calling thread's last failure ("" if none); valid until its next cx_ call. */
+CX_API const char *cx_last_error(void);
+/* 1 if transfers of this backend work in this build, else 0 (all 0 in the host-only build). */
+CX_API int cx_backend_available(cx_backend backend);
+
+/* ---- endpoint (create/destroy built; the rest CX_ERR_UNSUPPORTED "not built yet") ---- */
+
+/* Allocates an endpoint; no I/O. NCCL/HCCL: CX_ERR_UNSUPPORTED unless built with them. */
+CX_API cx_status cx_endpoint_create(const cx_endpoint_config *config, cx_endpoint **out);
+/* Frees the endpoint. CX_ERR_BUSY (nothing freed) while registrations remain. NULL is a no-op. */
+CX_API cx_status cx_endpoint_destroy(cx_endpoint *ep);
+/* Starts listening and writes the connection id blob to publish (<= CX_CONN_ID_MAX_BYTES). */
+CX_API cx_status cx_endpoint_conn_id(cx_endpoint *ep, void *buf, size_t cap, size_t *len);
+/* Connects to the peer whose connection id blob is given; blocks up to timeout_ms. */
+CX_API cx_status cx_endpoint_connect(cx_endpoint *ep, const void *conn_id, size_t len,
+                                     uint32_t timeout_ms, cx_peer *peer);
+/* Accepts one incoming connection; blocks up to timeout_ms. */
+CX_API cx_status cx_endpoint_accept(cx_endpoint *ep, uint32_t timeout_ms, cx_peer *peer);
+
+/* ---- memory registration (register/deregister/query built; export/import not yet) ---- */
+
+/* Records [addr, addr + length) for transfers. Ranges may not overlap an existing registration
+ * (CX_ERR_EXISTS). The caller owns the memory and keeps it alive until cx_mem_deregister. */
+CX_API cx_status cx_mem_register(cx_endpoint *ep, void *addr, uint64_t length, cx_mem_kind kind,
+                                 cx_mem_handle *out);
+/* Forgets a registration. CX_ERR_NOT_FOUND for an unknown handle. */
+CX_API cx_status cx_mem_deregister(cx_endpoint *ep, cx_mem_handle handle);
+/* Address and length of a live registration. */
+CX_API cx_status cx_mem_query(const cx_endpoint *ep, cx_mem_handle handle, void **addr,
+                              uint64_t *length);
+/* Number of live registrations (for leak checks). */
+CX_API cx_status cx_mem_count(const cx_endpoint *ep, size_t *count);
+/* Describes a registration for a peer's one-sided access (<= CX_MEM_DESC_MAX_BYTES). */
+CX_API cx_status cx_mem_export(cx_endpoint *ep, cx_mem_handle handle, void *buf, size_t cap,
+                               size_t *len);
+/* Imports a peer's exported descriptor for WRITE/READ. */
+CX_API cx_status cx_mem_import(cx_endpoint *ep, cx_peer peer, const void *desc, size_t len,
+                               cx_remote_handle *out);
+
+/* ---- transfers (not built yet: CX_ERR_UNSUPPORTED) ---- */
+
+/* Posts n transfers of one op to one peer as one request; returns at once. Every range is
+ * checked against its registration before anything moves (CX_ERR_OUT_OF_RANGE). */
+CX_API cx_status cx_post(cx_endpoint *ep, cx_peer peer, cx_op op, const cx_xfer *xfers, size_t n,
+                         cx_request *out);
+/* Non-blocking: *done = 1 once the request finished; the return value is then its final status
+ * and the request is freed. While *done = 0 it returns CX_OK. */
+CX_API cx_status cx_test(cx_endpoint *ep, cx_request request, int *done);
+/* Blocks until the request finishes (its final status; request freed) or timeout_ms passes
+ * (CX_ERR_TIMEOUT; request still live). */
+CX_API cx_status cx_wait(cx_endpoint *ep, cx_request request, uint32_t timeout_ms);
+
+/* ---- host block copy kernels (built) ---- */
+
+/* Gathers blocks block_ids[0..num_ids) of every plane of the paged cache into `contig`, plane
+ * major: block i of plane p lands at byte (p * num_ids + i) * block_bytes. For a
+ * [num_layers, 2, num_blocks, ...] cache this is [layer0.K | layer0.V | layer1.K | ...].
+ * Checks: the layout fits in paged_bytes, contig_bytes == num_planes * num_ids * block_bytes,
+ * every id in [0, num_blocks), the two buffers do not overlap. Nothing is written on failure. */
+CX_API cx_status cx_gather_blocks(const void *paged, uint64_t paged_bytes,
+                                  const cx_block_layout *layout, const int64_t *block_ids,
+                                  uint64_t num_ids, void *contig, uint64_t contig_bytes);
+/* The reverse (RecvScatter): writes `contig`, laid out as cx_gather_blocks produces it, into the
+ * given blocks of the paged cache. Same checks, plus no block id may repeat. */
+CX_API cx_status cx_scatter_blocks(void *paged, uint64_t paged_bytes,
+                                   const cx_block_layout *layout, const int64_t *block_ids,
+                                   uint64_t num_ids, const void *contig, uint64_t contig_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CANN_EXT_H */

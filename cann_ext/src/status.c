@@ -1,0 +1,53 @@
+/* Version, status strings and the per-thread detail message. */
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "internal.h"
+
+static _Thread_local char last_error[512];
+
+const char *cx_version(void) { return CX_VERSION_STRING; }
+
+int cx_abi_version(void) { return CX_ABI_VERSION; }
+
+const char *cx_status_string(cx_status status) {
+    switch (status) {
+    case CX_OK: return "ok";
+    case CX_ERR_INVALID_ARG: return "invalid argument";
+    case CX_ERR_OUT_OF_RANGE: return "out of range";
+    case CX_ERR_NO_MEMORY: return "out of memory";
+    case CX_ERR_UNSUPPORTED: return "not supported in this build (not built yet)";
+    case CX_ERR_NOT_FOUND: return "not found";
+    case CX_ERR_EXISTS: return "already registered";
+    case CX_ERR_BUSY: return "busy: still has live registrations, peers or requests";
+    case CX_ERR_TIMEOUT: return "timed out";
+    case CX_ERR_CONNECTION: return "connection error";
+    case CX_ERR_BACKEND: return "backend library error";
+    case CX_ERR_INTERNAL: return "internal error";
+    }
+    return "unknown status";
+}
+
+const char *cx_last_error(void) { return last_error; }
+
+cx_status cx_fail(cx_status status, const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, args);
+    va_end(args);
+    return status;
+}
+
+cx_status cx_ok(void) {
+    last_error[0] = '\0';
+    return CX_OK;
+}
+
+cx_status cx_not_built(const char *function) {
+    return cx_fail(CX_ERR_UNSUPPORTED, "%s: the network transport is not built yet", function);
+}
+
+int cx_backend_available(cx_backend backend) {
+    (void)backend;
+    return 0;
+}
