@@ -1,0 +1,1 @@
+"""PyTorch backend: the Llama-family decoder and its ModelRunner (CPU and CUDA)."""
