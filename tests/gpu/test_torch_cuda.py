@@ -1,8 +1,9 @@
-"""CUDA smoke test of the PyTorch backend: bf16 (and fp32) logits against the CPU float32 runner.
+"""CUDA smoke test of the PyTorch backend: bf16, fp16 and fp32 logits against CPU float32.
 
-Tolerances: CUDA float32 within 1e-3 of CPU float32 (kernel order and TF32-free matmuls);
-CUDA bfloat16 within 0.15 max abs diff on logits of magnitude ~3 (bf16 keeps ~3 significant
-digits and the error grows through the layers) and with the same argmax on most positions.
+Tolerances (max abs logit diff, logits of magnitude ~3; observed on an H200 in brackets):
+float32 1e-4 (3e-6: TF32 is off by default), float16 0.05 (0.006), bfloat16 0.15 (0.053, bf16
+keeps ~3 significant digits and the error grows through the layers). The argmax must agree on
+at least 75% of positions (random tiny models have near-ties; observed >= 92% in bf16).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
 ]
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.15}
+TOLERANCE = {"float32": 1e-4, "float16": 0.05, "bfloat16": 0.15}
 
 
 def run(model_dir: Path, device: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +36,7 @@ def run(model_dir: Path, device: str, dtype: str) -> tuple[np.ndarray, np.ndarra
     return prefill, np.stack(steps)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
 def test_cuda_matches_cpu(tiny_checkpoints: dict[str, Path], variant: str, dtype: str) -> None:
     cpu_prefill, cpu_steps = run(tiny_checkpoints[variant], "cpu", "float32")
@@ -44,4 +45,4 @@ def test_cuda_matches_cpu(tiny_checkpoints: dict[str, Path], variant: str, dtype
     for ours, ref in ((gpu_prefill, cpu_prefill), (gpu_steps, cpu_steps)):
         assert np.isfinite(ours).all()
         assert np.abs(ours - ref).max() <= TOLERANCE[dtype]
-        assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+        assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
