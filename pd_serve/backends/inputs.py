@@ -78,14 +78,22 @@ def pack_decode(batch: DecodeBatch, block_size: int, scratch_slot: int,
                 pad_to: tuple[int, int, int] | None = None) -> PackedBatch:
     if not batch.token_ids:
         raise ValueError("empty decode batch")
+    if not len(batch.token_ids) == len(batch.positions) == len(batch.block_tables):
+        raise ValueError(f"decode batch lengths differ: {len(batch.token_ids)} tokens, "
+                         f"{len(batch.positions)} positions, {len(batch.block_tables)} tables")
     seqs = [SeqChunk([tok], pos, table) for tok, pos, table in
-            zip(batch.token_ids, batch.positions, batch.block_tables)]
+            zip(batch.token_ids, batch.positions, batch.block_tables, strict=True)]
     return pack_chunks(seqs, block_size, scratch_slot, pad_to)
 
 
 def attention_mask(packed: PackedBatch) -> np.ndarray:
-    """Boolean [B, T, C]: query t of row b may attend key j (causal and inside the context)."""
+    """Boolean [B, T, C]: query t of row b may attend key j (causal and inside the context).
+
+    Key 0 is always visible so padding rows and padding queries never produce an all-masked
+    softmax row (NaN); their outputs are discarded.
+    """
     key_pos = np.arange(packed.context_slots.shape[1])[None, None, :]
     allowed = key_pos <= packed.positions[:, :, None]
     allowed &= key_pos < packed.context_lens[:, None, None]
+    allowed[:, :, 0] = True
     return allowed
