@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API of one aggregated instance: wire protocol, errors, the server."""

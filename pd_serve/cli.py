@@ -1,0 +1,238 @@
+"""The `pd-serve` command line: `serve` runs one aggregated OpenAI-compatible server; `up`
+starts the local deployment, waits until it is healthy and shows a sample request.
+
+Paths: a `--config` path is taken relative to the current directory, falling back to the project
+root so the shipped `configs/...` work from anywhere. A relative `model.path` inside a config
+always resolves against the project root (the directory holding `pd_serve/` and `models/`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pd_serve.config import ServeConfig, load_serve_config
+
+T = TypeVar("T")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/deploy/local.yaml"
+
+app = typer.Typer(help="pd-serve: disaggregated prefill/decode LLM serving.",
+                  no_args_is_help=True, add_completion=False)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="ServeConfig YAML.")]
+PortOpt = Annotated[int | None, typer.Option(help="Port (overrides server.port; 0: any free).")]
+HostOpt = Annotated[str | None, typer.Option(help="Bind address (overrides server.host).")]
+BackendOpt = Annotated[str | None, typer.Option(help="mindspore | torch (overrides model.backend)")]
+DeviceOpt = Annotated[str | None, typer.Option(help="Device (overrides model.device).")]
+LogOpt = Annotated[str, typer.Option(help="Server log level: debug | info | warning | error.")]
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return PROJECT_ROOT / p if (PROJECT_ROOT / p).exists() else p
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """`model.path` as a directory: absolute as is, relative against the project root."""
+    p = Path(path)
+    p = p if p.is_absolute() else PROJECT_ROOT / p
+    if not p.is_dir():
+        raise ValueError(f"model.path: no model directory at {p}")
+    return p
+
+
+def load_config(config: Path, host: str | None = None, port: int | None = None,
+                backend: str | None = None, device: str | None = None) -> ServeConfig:
+    """Loads the YAML and applies command-line overrides (validated like the YAML itself)."""
+    cfg = load_serve_config(resolve_config_path(config))
+    model: dict[str, Any] = {k: v for k, v in (("backend", backend), ("device", device))
+                             if v is not None}
+    server: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
+                               server=dataclasses.replace(cfg.server, **server))
+
+
+def run_server(cfg: ServeConfig, log_level: str = "info") -> None:
+    """Builds runner, tokenizer, engine and app from `cfg` and serves until interrupted."""
+    import uvicorn
+
+    from pd_serve.api.server import build_app
+    from pd_serve.backends import create_runner
+    from pd_serve.backends.base import RunnerConfig
+    from pd_serve.engine.async_engine import AsyncEngine
+    from pd_serve.engine.engine import LLMEngine
+    from pd_serve.models.tokenizer import Tokenizer
+
+    model_dir = resolve_model_path(cfg.model.path)
+    runner = create_runner(RunnerConfig(
+        model_dir=str(model_dir), backend=cfg.model.backend, device=cfg.model.device,
+        dtype=cfg.model.dtype, block_size=cfg.cache.block_size, num_blocks=cfg.cache.num_blocks,
+        max_model_len=cfg.scheduler.max_model_len, threads=cfg.model.threads))
+    try:
+        warmup = getattr(runner, "warmup", None)  # graph backends compile common shapes first
+        if callable(warmup):
+            logging.getLogger(__name__).info("warming up the %s runner", cfg.model.backend)
+            warmup()
+        tokenizer = Tokenizer(model_dir)
+        engine = AsyncEngine(LLMEngine(runner, tokenizer, cfg.cache, cfg.scheduler))
+        config = uvicorn.Config(build_app(engine, tokenizer, cfg), host=cfg.server.host,
+                                port=cfg.server.port, log_level=log_level,
+                                timeout_graceful_shutdown=5)
+        _server_class()(config).run()
+    finally:
+        runner.close()
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn.Server that, after a graceful shutdown on SIGINT/SIGTERM, returns instead of
+        re-raising the signal: with MindSpore's native handlers installed the re-raised signal
+        ended the process by SIGTERM (exit -15) rather than as a clean exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+@app.command()
+def serve(config: ConfigOpt = Path(DEFAULT_CONFIG), host: HostOpt = None, port: PortOpt = None,
+          backend: BackendOpt = None, device: DeviceOpt = None, log_level: LogOpt = "info") -> None:
+    """Serve one aggregated instance (prefill and decode together) over the OpenAI API."""
+    cfg = _or_exit(lambda: load_config(config, host, port, backend, device))
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    typer.echo(f"pd-serve: {cfg.model.name} on {cfg.model.backend}/{cfg.model.device}, "
+               f"http://{cfg.server.host}:{cfg.server.port}/v1", err=True)
+    _or_exit(lambda: run_server(cfg, log_level))
+
+
+@app.command()
+def up(config: ConfigOpt = Path(DEFAULT_CONFIG), port: PortOpt = None,
+       backend: BackendOpt = None, log_level: LogOpt = "warning",
+       exit_after_sample: Annotated[bool, typer.Option(
+           help="Stop the server after the sample requests (scripts, tests).")] = False,
+       timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = 600.0,
+       ) -> None:
+    """Start the local deployment, send a sample chat and completion, serve until Ctrl-C.
+
+    For now the local deployment is one aggregated server (prefill and decode together)."""
+    cfg = _or_exit(lambda: load_config(config, port=port, backend=backend))
+    if cfg.server.port == 0:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=_free_port()))
+    base = f"http://{cfg.server.host}:{cfg.server.port}"
+    cmd = [sys.executable, "-m", "pd_serve", "serve", "--config",
+           str(resolve_config_path(config)), "--port", str(cfg.server.port),
+           "--backend", cfg.model.backend, "--log-level", log_level]
+    typer.echo(f"starting {cfg.model.name} ({cfg.model.backend}) at {base}/v1 ...")
+    proc = subprocess.Popen(cmd)
+    try:
+        _wait_healthy(proc, base, timeout)
+        typer.echo(f"ready: {base}/v1 (model {cfg.model.name!r})")
+        _sample(base, cfg)
+        if exit_after_sample:
+            return
+        typer.echo("serving; Ctrl-C stops it")
+        if proc.wait() != 0:
+            typer.echo(f"error: the server exited with code {proc.returncode}", err=True)
+            raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping ...")
+    finally:
+        _stop(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], base: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            typer.echo(f"error: the server exited with code {proc.returncode}", err=True)
+            raise typer.Exit(1)
+        try:
+            if httpx.get(f"{base}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    typer.echo(f"error: {base}/health did not answer within {timeout:.0f} s", err=True)
+    raise typer.Exit(1)
+
+
+def _sample(base: str, cfg: ServeConfig) -> None:
+    """One chat and one completion request through the real `openai` client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key=(cfg.server.api_keys or ("none",))[0])
+    chat = client.chat.completions.create(
+        model=cfg.model.name, messages=[{"role": "user", "content": "Good morrow, my lord."}],
+        max_tokens=48, temperature=0.8, seed=0)
+    typer.echo(f"\n[chat] user: Good morrow, my lord.\n[chat] assistant: "
+               f"{chat.choices[0].message.content}\n[chat] usage: {_usage(chat.usage)}")
+    prompt = "ROMEO:\n"
+    comp = client.completions.create(model=cfg.model.name, prompt=prompt, max_tokens=48,
+                                     temperature=0.8, seed=0)
+    typer.echo(f"\n[completion] {prompt}{comp.choices[0].text}\n"
+               f"[completion] usage: {_usage(comp.usage)}\n")
+
+
+def _usage(u: object) -> str:
+    return (f"{getattr(u, 'prompt_tokens', '?')} prompt + "
+            f"{getattr(u, 'completion_tokens', '?')} completion tokens")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _or_exit(fn: Callable[[], T]) -> T:
+    """Runs `fn`; bad configuration or input becomes a one-line error and exit status 2."""
+    try:
+        return fn()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def main() -> None:
+    """Console-script entry point (`pd-serve = pd_serve.cli:main`)."""
+    app()
