@@ -66,6 +66,9 @@ class SchedulerConfig:
         if self.max_num_batched_tokens <= 0:
             raise ValueError("scheduler.max_num_batched_tokens must be positive, "
                              f"got {self.max_num_batched_tokens}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("scheduler.max_num_batched_tokens must be >= max_num_seqs, got "
+                             f"{self.max_num_batched_tokens} < {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"scheduler.max_model_len must be positive, got {self.max_model_len}")
 
@@ -115,7 +118,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

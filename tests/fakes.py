@@ -48,6 +48,7 @@ class FakeModelRunner(ModelRunner):
         self.model_config = fake_model_config(vocab_size, max_position_embeddings, eos_token_ids)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_model_len = max_position_embeddings
         self.banned = banned
         self.slots = np.full((num_blocks + 1) * block_size, -1, np.int64)
         self.prefill_tokens = 0
@@ -91,6 +92,9 @@ class FakeModelRunner(ModelRunner):
     def write_kv(self, block_table: list[int], kv: np.ndarray) -> None:
         for p in range(kv.shape[2]):
             self.slots[self._slot(block_table, p)] = int(kv[0, 0, p, 0, 0])
+
+    def close(self) -> None:
+        self.slots[:] = -1
 
 
 def greedy_reference(prompt: list[int], max_tokens: int, vocab_size: int = 1024,

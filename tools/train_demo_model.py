@@ -75,7 +75,7 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path):
     return tok
 
 
-def model_config(args: argparse.Namespace, tok) -> "object":
+def model_config(args: argparse.Namespace, tok) -> object:
     from transformers import LlamaConfig
 
     eos = tok.token_to_id("<|endoftext|>")
@@ -178,7 +178,8 @@ def train(args: argparse.Namespace, tok) -> dict:
             print(json.dumps(history[-1]), flush=True)
             if val < best:
                 best = val
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().to("cpu", copy=True)
+                              for k, v in model.state_dict().items()}
     # A fresh model without the dropout hooks is what gets saved.
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(best_state)

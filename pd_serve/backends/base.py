@@ -78,6 +78,7 @@ class ModelRunner(ABC):
     model_config: ModelConfig
     block_size: int
     num_blocks: int
+    max_model_len: int  # positions the runner's rope table and checks cover
 
     @abstractmethod
     def prefill(self, batch: PrefillBatch) -> np.ndarray | list[np.ndarray]:
@@ -91,12 +92,14 @@ class ModelRunner(ABC):
 
     @abstractmethod
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
-        """Copies the first `num_tokens` tokens' K/V out of the cache:
-        [num_layers, 2, num_tokens, num_kv_heads, head_dim] (for hand-off and tests)."""
+        """Copies the first `num_tokens` tokens' K/V out of the cache as float32 on the host:
+        [num_layers, 2, num_tokens, num_kv_heads, head_dim] (for tests and the host hand-off;
+        device-to-device hand-off moves the cache dtype directly)."""
 
     @abstractmethod
     def write_kv(self, block_table: list[int], kv: np.ndarray) -> None:
         """Writes K/V laid out as `read_kv` returns into the slots of `block_table`."""
 
+    @abstractmethod
     def close(self) -> None:
         """Releases device memory; the runner must not be used afterwards."""

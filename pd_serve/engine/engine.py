@@ -55,10 +55,8 @@ class LLMEngine:
         if cache.num_blocks > runner.num_blocks:
             raise ValueError(f"cache.num_blocks {cache.num_blocks} exceeds the runner's "
                              f"{runner.num_blocks} blocks")
-        # A runner may be built for fewer positions than the model supports
-        # (RunnerConfig.max_model_len); the ModelRunner interface does not declare it yet.
-        model_max = min(mc.max_position_embeddings,
-                        getattr(runner, "max_model_len", None) or mc.max_position_embeddings)
+        # A runner may be built for fewer positions than the model supports.
+        model_max = min(mc.max_position_embeddings, runner.max_model_len)
         self.max_model_len = min(scheduler.max_model_len or model_max, model_max)
         self.block_manager = BlockManager(cache.num_blocks, cache.block_size,
                                           cache.enable_prefix_caching)

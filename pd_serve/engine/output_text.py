@@ -45,7 +45,8 @@ class OutputText:
     def flush(self) -> None:
         """At finish: decodes any bytes the detokenizer held back (an incomplete character)."""
         if not self.stopped and self._ids:
-            self._update(self._tok.decode(self._ids))
+            self._detok.flush()
+            self._update(self._detok.text)
 
     def take_delta(self, finished: bool) -> str:
         if finished or self.stopped:

@@ -61,7 +61,7 @@ class ModelConfig:
         return 2 * self.num_layers * self.kv_size * dtype_bytes
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"model directory {model_dir} has no config.json")
@@ -74,7 +74,7 @@ class ModelConfig:
         return cls.from_hf_dict(raw, gen)
 
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any], gen: dict[str, Any] | None = None) -> "ModelConfig":
+    def from_hf_dict(cls, raw: dict[str, Any], gen: dict[str, Any] | None = None) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -83,7 +83,8 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
             if not isinstance(raw.get(key), int) or raw[key] <= 0:
-                raise ValueError(f"config.json: {key} must be a positive integer, got {raw.get(key)!r}")
+                raise ValueError(
+                f"config.json: {key} must be a positive integer, got {raw.get(key)!r}")
         heads = raw["num_attention_heads"]
         kv_heads = raw.get("num_key_value_heads") or heads
         if heads % kv_heads:

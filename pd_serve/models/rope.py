@@ -35,10 +35,12 @@ def _llama3_scale(inv: np.ndarray, rope: RopeConfig) -> np.ndarray:
     return np.where(medium, blended, scaled)
 
 
-def cos_sin_table(rope: RopeConfig, head_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+def cos_sin_table(rope: RopeConfig, head_dim: int,
+                  max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin for every position, each [max_positions, head_dim] float32, laid out as in HF
     (the half-split `rotate_half` convention: frequencies repeated over both halves)."""
     inv = inverse_frequencies(rope, head_dim)
-    angles = np.outer(np.arange(max_positions, dtype=np.float64), inv)  # [max_positions, head_dim/2]
+    # [max_positions, head_dim / 2]
+    angles = np.outer(np.arange(max_positions, dtype=np.float64), inv)
     emb = np.concatenate([angles, angles], axis=-1)  # [max_positions, head_dim]
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)

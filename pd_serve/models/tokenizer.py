@@ -63,22 +63,38 @@ def _token_text(value: Any) -> str | None:
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting multi-byte
-    characters: text is only released once it no longer ends in a replacement character.
+    characters, decoding only a short window of recent ids per step (linear in output length).
+
+    Text is released once the window no longer ends in a replacement character; `flush` at the
+    end releases whatever is still held (an incomplete or invalid byte sequence).
 
     Lifecycle: 1. created per request; 2. `push(new_ids)` after each step returns the new text;
-    3. `text` holds everything released so far.
+    3. `flush()` at finish returns the held-back rest; `text` holds everything released.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
         self._ids: list[int] = []
+        self._prefix_offset = 0  # window start: ids before it are settled text
+        self._read_offset = 0  # ids before it have been released as text
         self.text = ""
 
     def push(self, new_ids: list[int]) -> str:
         self._ids.extend(new_ids)
-        full = self._tok.decode(self._ids)
-        if full.endswith("\ufffd"):
+        prefix = self._tok.decode(self._ids[self._prefix_offset:self._read_offset])
+        window = self._tok.decode(self._ids[self._prefix_offset:])
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
             return ""
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full
+        delta = window[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Releases text held back at the end (e.g. a final incomplete character)."""
+        prefix = self._tok.decode(self._ids[self._prefix_offset:self._read_offset])
+        window = self._tok.decode(self._ids[self._prefix_offset:])
+        delta = window[len(prefix):] if len(window) > len(prefix) else ""
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self.text += delta
         return delta
