@@ -1,0 +1,1 @@
+"""MindSpore backend: the Llama-family decoder as graph-mode cells behind ModelRunner."""
