@@ -61,4 +61,4 @@ def load_hf_model(model_dir: Path):
     """The transformers reference model for a checkpoint directory, float32, eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype="float32").eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
