@@ -30,6 +30,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternate the backends this many times (shows run-to-run spread)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -126,12 +128,17 @@ def main() -> None:
               "machine": machine(), "versions": versions(), "model": Path(args.model).name,
               "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
               "repeats": args.repeats, "results": []}
-    for backend in args.backends:
+    for rnd, backend in [(r, b) for r in range(args.rounds) for b in args.backends]:
         cmd = [sys.executable, __file__, "--worker", backend] + sys.argv[1:]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        root = str(Path(__file__).resolve().parents[1])  # works without installing the package
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode:
             sys.exit(f"{backend} worker failed:\n{proc.stderr[-4000:]}")
-        report["results"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["round"] = rnd
+        report["results"].append(result)
     print_table(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,12 +146,13 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"{'backend':<10} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} "
+    print(f"{'round':>5} {'backend':<10} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} "
           f"{'step ms':>8} {'1st prefill s':>14}")
     for res in report["results"]:
         for b, r in res["batches"].items():
-            print(f"{res['backend']:<10} {b:>5} {r['prefill_tok_s']:>14} {r['decode_tok_s']:>13} "
-                  f"{r['decode_step_ms_median']:>8} {r['first_prefill_s']:>14}")
+            print(f"{res['round']:>5} {res['backend']:<10} {b:>5} {r['prefill_tok_s']:>14} "
+                  f"{r['decode_tok_s']:>13} {r['decode_step_ms_median']:>8} "
+                  f"{r['first_prefill_s']:>14}")
 
 
 if __name__ == "__main__":

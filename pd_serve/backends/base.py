@@ -26,7 +26,7 @@ class RunnerConfig:
     block_size: int = 16
     num_blocks: int = 512
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    threads: int | None = None  # host threads for CPU execution (None: framework default)
+    threads: int | None = None  # host threads for CPU execution (None: the cores available)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

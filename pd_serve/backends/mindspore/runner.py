@@ -1,11 +1,12 @@
 """MindSporeRunner: the MindSpore implementation of ModelRunner (CPU here, Ascend in production).
 
 Shapes: MindSpore compiles one graph per distinct input shape. We pad every batch up to a
-(B, T, C) bucket of powers of two (B >= 1, T >= 16 for prefill and 1 for decode, C >= 16 and a
-multiple of block_size) rather than compiling with dynamic shapes, because static shapes let the
-compiler fix memory and fuse kernels (on Ascend, whole-graph sinking needs them), dynamic-shape
-kernels for ScatterUpdate/Gather are slower or missing on some targets, and padding to a power of
-two wastes at most half a bucket. The number of graphs stays logarithmic in batch and length
+(B, T, C) bucket (B a power of two; T >= 16 for prefill and 1 for decode; C >= max(16,
+block_size); T and C powers of two up to 256, then quarter-octave steps 320, 384, 448, 512,
+640, ...; see `inputs.shape_bucket`) rather than compiling with dynamic shapes, because static
+shapes let the compiler fix memory and fuse kernels (on Ascend, whole-graph sinking needs them),
+dynamic-shape kernels for ScatterUpdate/Gather are slower or missing on some targets, and the
+padding waste stays under 20% above 256 tokens. The number of graphs stays logarithmic in length
 (prefill and decode are separate graphs since their T differs); `warmup()` compiles the
 common buckets up front and `compiled_shapes` records every bucket seen.
 
@@ -17,6 +18,7 @@ weights and zeroes the KV cache; 2. `warmup()` optionally compiles buckets; 3. `
 from __future__ import annotations
 
 import logging
+import os
 
 import mindspore as ms
 import numpy as np
@@ -24,7 +26,13 @@ from mindspore import Tensor, ops
 from mindspore import dtype as mstype
 
 from pd_serve.backends.base import DecodeBatch, ModelRunner, PrefillBatch, RunnerConfig
-from pd_serve.backends.inputs import PackedBatch, next_bucket, pack_decode, pack_prefill
+from pd_serve.backends.inputs import (
+    PackedBatch,
+    next_bucket,
+    pack_decode,
+    pack_prefill,
+    shape_bucket,
+)
 from pd_serve.backends.mindspore.model import DecoderModel
 from pd_serve.models.checkpoint import load_weights
 from pd_serve.models.config import ModelConfig
@@ -56,10 +64,13 @@ def configure_process(device: str, threads: int | None) -> None:
                            threads, _process["threads"])
         return
     ms.set_device(DEVICE_TARGETS[device])
-    if threads is not None:
-        # CPU kernel threads (default 25). The runtime's dispatch threads stay at their default:
+    if device == "cpu":
+        # CPU kernel threads: MindSpore's default is 25 whatever the host has, which
+        # oversubscribes small hosts (decode at batch 1 took 13.2 ms with 25 threads and 8.5 ms
+        # with 2 on a 2-core host, docs/benchmarks.md), so default to the cores we may use.
+        # The runtime's dispatch threads stay at their default:
         # ms.runtime.dispatch_threads_num(2) made decode steps ~50x slower on a 2-core host.
-        ms.device_context.cpu.op_tuning.threads_num(threads)
+        ms.device_context.cpu.op_tuning.threads_num(threads or len(os.sched_getaffinity(0)))
     _process.update(device=device, threads=threads)
 
 
@@ -89,7 +100,7 @@ class MindSporeRunner(ModelRunner):
             raise ValueError("prefill needs at least one sequence and one token per sequence")
         t_max = max(len(s.token_ids) for s in batch.seqs)
         c_max = max(s.start_pos + len(s.token_ids) for s in batch.seqs)
-        t = next_bucket(t_max, MIN_PREFILL_T)
+        t = shape_bucket(t_max, MIN_PREFILL_T)
         packed = pack_prefill(batch, self.block_size, self.scratch_slot,
                               pad_to=(next_bucket(n), t, self._context_bucket(max(c_max, t))))
         if batch.return_all_logits:
@@ -111,7 +122,7 @@ class MindSporeRunner(ModelRunner):
         returns how many new graphs were compiled."""
         before = len(self.compiled_shapes)
         for t in prefill_lens:
-            self._run_scratch(1, next_bucket(t, MIN_PREFILL_T), self._context_bucket(t))
+            self._run_scratch(1, shape_bucket(t, MIN_PREFILL_T), self._context_bucket(t))
         for b in batch_sizes:
             for c in decode_contexts:
                 self._run_scratch(next_bucket(b), 1, self._context_bucket(c))
@@ -139,7 +150,7 @@ class MindSporeRunner(ModelRunner):
         self._forward = None
 
     def _context_bucket(self, c: int) -> int:
-        return next_bucket(c, max(MIN_CONTEXT, self.block_size))
+        return shape_bucket(c, max(MIN_CONTEXT, self.block_size))
 
     def _slots(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         if any(not 0 <= b < self.num_blocks for b in block_table):
