@@ -9,7 +9,8 @@ Lifecycle:
 2. `add_request` validates and queues requests (ValueError on bad input, nothing allocated);
 3. `step` runs one prefill or decode batch and returns the outputs of that step; a finished or
    aborted request's blocks are freed before its final output is returned;
-4. `leak_check` (tests) confirms that only running requests hold blocks.
+4. `leak_check` (tests) confirms that only running requests (and, for the disaggregated
+   roles, parked requests and hand-off reservations; see `handoff.py`) hold blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from pd_serve.backends.base import DecodeBatch, ModelRunner, PrefillBatch, SeqChunk
 from pd_serve.config import CacheConfig, SchedulerConfig
 from pd_serve.engine.block_manager import BlockManager
+from pd_serve.engine.handoff import HandoffMixin, Reservation
 from pd_serve.engine.output_text import OutputText
 from pd_serve.engine.outputs import FinishReason, RequestOutput
 from pd_serve.engine.request import Request
@@ -41,9 +43,11 @@ class EngineStats:
     cache_usage: float  # fraction of blocks held by requests
     prefix_hit_rate: float  # cached prompt tokens / prompt tokens looked up
     num_preemptions: int
+    num_handoff: int = 0  # prefill role: parked requests holding blocks for their hand-off
+    num_reserved: int = 0  # decode role: hand-off reservations holding blocks
 
 
-class LLMEngine:
+class LLMEngine(HandoffMixin):
     """Continuous-batching generation over one ModelRunner."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, cache: CacheConfig,
@@ -71,14 +75,17 @@ class LLMEngine:
         self._eos = frozenset(eos)
         self._requests: dict[str, Request] = {}  # unfinished requests by id
         self._aborted: list[Request] = []  # reported as finished by the next step
+        self._parked: dict[str, Request] = {}  # prefill role: waiting for their hand-off
+        self._reserved: dict[str, Reservation] = {}  # decode role: incoming hand-offs
         self._generate_ids = itertools.count()
 
     # ----- requests --------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
-        """Queues a request; ValueError (naming the problem) if it can never be served."""
-        if request_id in self._requests:
+                    params: SamplingParams, prefill_only: bool = False) -> None:
+        """Queues a request; ValueError (naming the problem) if it can never be served.
+        `prefill_only` (prefill role): park it after its first token for a KV hand-off."""
+        if self._id_in_use(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -87,7 +94,8 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=prompt, params=params,
             arrival_time=time.monotonic(),
             text=OutputText(self._tokenizer, params.stop, params.include_stop_str_in_output),
-            generator=np.random.default_rng(params.seed) if params.seed is not None else None)
+            generator=np.random.default_rng(params.seed) if params.seed is not None else None,
+            prefill_only=prefill_only)
         self.scheduler.add(req)
         self._requests[request_id] = req
 
@@ -107,7 +115,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Frees the request's blocks now; the next `step` reports it finished with ABORT.
-        Unknown or already finished ids are ignored (the request may have just finished)."""
+        Unknown or already finished ids are ignored (the request may have just finished).
+        A hand-off reservation is freed without any output."""
+        if self._abort_handoff(request_id):
+            return
         req = self._requests.pop(request_id, None)
         if req is None:
             return
@@ -175,6 +186,8 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
+        if reason is None and req.prefill_only:
+            return self._park(req, token)
         if reason is not None:
             req.text.flush()
             self.scheduler.finish(req, reason)
@@ -224,16 +237,17 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_free_blocks=bm.num_free_blocks, num_cached_blocks=bm.num_cached_blocks,
             cache_usage=bm.usage, prefix_hit_rate=bm.prefix_hit_rate,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions, num_handoff=len(self._parked),
+            num_reserved=len(self._reserved))
 
     def leak_check(self) -> None:
-        """AssertionError unless exactly the running requests hold blocks and, when idle, no
-        block is referenced."""
+        """AssertionError unless exactly the running requests, parked requests and hand-off
+        reservations hold blocks and, when all are gone, no block is referenced."""
         bm = self.block_manager
         bm.check_invariants()
-        running = {r.request_id for r in self.scheduler.running}
-        if set(bm.seq_ids()) != running:
-            raise AssertionError(f"block tables {sorted(bm.seq_ids())} differ from running "
-                                 f"requests {sorted(running)}")
-        if not self.scheduler.has_unfinished():
+        holders = {r.request_id for r in self.scheduler.running} | self._handoff_holders()
+        if set(bm.seq_ids()) != holders:
+            raise AssertionError(f"block tables {sorted(bm.seq_ids())} differ from running, "
+                                 f"parked and reserved requests {sorted(holders)}")
+        if not self.scheduler.has_unfinished() and not self._handoff_holders():
             bm.leak_check()

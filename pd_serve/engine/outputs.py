@@ -29,3 +29,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Prefill role: the first token is out and the request is parked for its KV hand-off
+    # (finished False, finish_reason None); this engine reports nothing more for it unless it
+    # is aborted while parked (then one ABORT output follows).
+    handoff_ready: bool = False

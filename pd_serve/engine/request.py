@@ -8,6 +8,10 @@ Lifecycle:
 4. possibly PREEMPTED (blocks freed, back to the front of the waiting queue, later re-prefilled
    over prompt + output tokens);
 5. FINISHED (stop, length or abort) once; its blocks are freed by the scheduler.
+Disaggregated roles (pd_serve/engine/handoff.py): a `prefill_only` request that needs more
+tokens after its first is parked in HANDOFF (blocks kept, never scheduled) until the hand-off
+is released; on a decode instance a handed-off request starts RUNNING with its prompt's K/V
+already in the cache and its first token already in `output_token_ids`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class RequestStatus(str, Enum):
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again after its blocks were taken back
     FINISHED = "finished"
+    HANDOFF = "handoff"  # prefill-only: first token out, blocks kept until the hand-off ends
 
 
 @dataclass(eq=False)
@@ -45,6 +50,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     prefill_len: int = 0  # tokens the current admission prefills (prompt + output so far)
     num_preemptions: int = 0
+    prefill_only: bool = False  # prefill instance: park after the first token (hand-off)
     # Owned and mutated by the BlockManager; read-only for everyone else.
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

@@ -74,6 +74,11 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Queues `req`; ValueError if it could never fit the KV cache even when alone."""
+        self.check_fits(req)
+        self.waiting.append(req)
+
+    def check_fits(self, req: Request) -> None:
+        """ValueError if `req` could never fit the KV cache even when alone."""
         total = min(req.num_prompt_tokens + req.params.max_tokens, self.max_model_len)
         # The last sampled token is never written to the cache.
         need = self.block_manager.blocks_for(total - 1)
@@ -83,7 +88,17 @@ class Scheduler:
                 f"request {req.request_id!r} needs up to {total - 1} tokens of KV cache "
                 f"({need} blocks) but the cache holds {bm.num_blocks} blocks of "
                 f"{bm.block_size} tokens; shorten the prompt or lower max_tokens")
-        self.waiting.append(req)
+
+    def adopt(self, req: Request) -> None:
+        """Adds a RUNNING request whose blocks the caller already allocated (a hand-off)."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self.running.sort(key=lambda r: r.arrival_time)
+
+    def park(self, req: Request) -> None:
+        """Takes a prefilled request out of the running set, keeping its blocks (hand-off)."""
+        self.running.remove(req)
+        req.status = RequestStatus.HANDOFF
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
