@@ -1,5 +1,7 @@
 """The `pd-serve` command line: `serve` runs one aggregated OpenAI-compatible server; `up`
-starts the local deployment, waits until it is healthy and shows a sample request.
+starts the local disaggregated deployment (prefill and decode instances plus the front end),
+waits until it is healthy and shows a sample request; `instance` and `frontend` run one of its
+processes.
 
 Paths: a `--config` path is taken relative to the current directory, falling back to the project
 root so the shipped `configs/...` work from anywhere. A relative `model.path` inside a config
@@ -13,10 +15,7 @@ import dataclasses
 import logging
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -28,6 +27,7 @@ from pd_serve.config import ServeConfig, load_serve_config
 T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/deploy/local.yaml"
+DEFAULT_PD_CONFIG = "configs/deploy/local-pd.yaml"
 
 app = typer.Typer(help="pd-serve: disaggregated prefill/decode LLM serving.",
                   no_args_is_help=True, add_completion=False)
@@ -134,56 +134,80 @@ def serve(config: ConfigOpt = Path(DEFAULT_CONFIG), host: HostOpt = None, port: 
 
 
 @app.command()
-def up(config: ConfigOpt = Path(DEFAULT_CONFIG), port: PortOpt = None,
+def up(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), port: PortOpt = None,
        backend: BackendOpt = None, log_level: LogOpt = "warning",
        exit_after_sample: Annotated[bool, typer.Option(
-           help="Stop the server after the sample requests (scripts, tests).")] = False,
+           help="Stop the deployment after the sample requests (scripts, tests).")] = False,
        timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = 600.0,
        ) -> None:
-    """Start the local deployment, send a sample chat and completion, serve until Ctrl-C.
+    """Start the local disaggregated deployment (decode and prefill instances plus the front end,
+    as subprocesses on loopback), send a sample chat and completion, serve until Ctrl-C."""
+    from pd_serve.instance.launch import LocalDeployment
 
-    For now the local deployment is one aggregated server (prefill and decode together)."""
     cfg = _or_exit(lambda: load_config(config, port=port, backend=backend))
-    if cfg.server.port == 0:
-        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=_free_port()))
-    base = f"http://{cfg.server.host}:{cfg.server.port}"
-    cmd = [sys.executable, "-m", "pd_serve", "serve", "--config",
-           str(resolve_config_path(config)), "--port", str(cfg.server.port),
-           "--backend", cfg.model.backend, "--log-level", log_level]
-    typer.echo(f"starting {cfg.model.name} ({cfg.model.backend}) at {base}/v1 ...")
-    proc = subprocess.Popen(cmd)
+    fport = cfg.server.port or _free_port()
+    dep = LocalDeployment(resolve_config_path(config), cfg, fport, cfg.model.backend, log_level)
+    typer.echo(f"starting {cfg.pd.num_prefill} prefill + {cfg.pd.num_decode} decode instance(s) "
+               f"of {cfg.model.name} ({cfg.model.backend}, hand-off {cfg.pd.handoff_mode}) "
+               f"and the front end at {dep.url}/v1 ...")
+    dep.start()
     try:
-        _wait_healthy(proc, base, timeout)
-        typer.echo(f"ready: {base}/v1 (model {cfg.model.name!r})")
-        _sample(base, cfg)
+        _or_exit_runtime(lambda: dep.wait_healthy(timeout))
+        typer.echo(f"ready: {dep.url}/v1 (model {cfg.model.name!r})")
+        _sample(dep.url, cfg)
         if exit_after_sample:
             return
         typer.echo("serving; Ctrl-C stops it")
-        if proc.wait() != 0:
-            typer.echo(f"error: the server exited with code {proc.returncode}", err=True)
-            raise typer.Exit(1)
+        dead = dep.wait_any_exit()
+        assert dead.proc is not None
+        typer.echo(f"error: {dead.name} exited with code {dead.proc.returncode}", err=True)
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         typer.echo("stopping ...")
     finally:
-        _stop(proc)
+        dep.stop()
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], base: str, timeout: float) -> None:
-    import httpx
+@app.command()
+def instance(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
+             port: PortOpt = None, backend: BackendOpt = None, device: DeviceOpt = None,
+             role: Annotated[str | None, typer.Option(
+                 help="prefill | decode (default: stateless until POST /internal/assign).")] = None,
+             decode_peers: Annotated[str, typer.Option(
+                 help="Comma-separated decode instance URLs (prefill role).")] = "",
+             log_level: LogOpt = "info") -> None:
+    """Run one resident serving instance (prefill or decode role)."""
+    from pd_serve.instance.process import run_instance
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            typer.echo(f"error: the server exited with code {proc.returncode}", err=True)
-            raise typer.Exit(1)
-        try:
-            if httpx.get(f"{base}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    typer.echo(f"error: {base}/health did not answer within {timeout:.0f} s", err=True)
-    raise typer.Exit(1)
+    cfg = _or_exit(lambda: load_config(config, host, port, backend, device))
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _or_exit(lambda: run_instance(cfg, role, _urls(decode_peers), log_level))
+
+
+@app.command()
+def frontend(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
+             port: PortOpt = None, backend: BackendOpt = None,
+             prefill: Annotated[str, typer.Option(
+                 help="Comma-separated prefill instance URLs.")] = "",
+             log_level: LogOpt = "info") -> None:
+    """Run the minimal P/D front end (OpenAI API, forwarding to prefill, relay from decode)."""
+    from pd_serve.instance.process import run_frontend
+
+    cfg = _or_exit(lambda: load_config(config, host, port, backend))
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _or_exit(lambda: run_frontend(cfg, _urls(prefill), log_level))
+
+
+def _urls(csv: str) -> list[str]:
+    return [u.strip().rstrip("/") for u in csv.split(",") if u.strip()]
+
+
+def _or_exit_runtime(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 def _sample(base: str, cfg: ServeConfig) -> None:
@@ -206,16 +230,6 @@ def _sample(base: str, cfg: ServeConfig) -> None:
 def _usage(u: object) -> str:
     return (f"{getattr(u, 'prompt_tokens', '?')} prompt + "
             f"{getattr(u, 'completion_tokens', '?')} completion tokens")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _free_port() -> int:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+HANDOFF_MODES = ("bulk", "per_layer", "block_fixed")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -90,6 +92,34 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class PDConfig:
+    """Disaggregated (P/D) deployment: instance counts, prefill slots, hand-off and timeouts."""
+
+    num_prefill: int = 1
+    num_decode: int = 1
+    b_p: int = 4  # batch slots per prefill instance (each owns one staging buffer)
+    handoff_mode: str = "bulk"  # bulk | per_layer | block_fixed
+    transport_host: str = "127.0.0.1"  # where the KV transport binds
+    handoff_timeout_s: float = 60.0  # prefill frees a slot decode never confirmed
+    fetch_timeout_s: float = 30.0  # decode gives up on one KV transfer
+    attach_timeout_s: float = 30.0  # decode aborts a request nobody streams
+    forward_deadline_s: float = 30.0  # front end: retry rejected requests until then (503)
+    retry_interval_s: float = 0.02  # front end: pause after every prefill rejected
+
+    def __post_init__(self) -> None:
+        for name in ("num_prefill", "num_decode", "b_p"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
+        if self.handoff_mode not in HANDOFF_MODES:
+            raise ValueError(f"pd.handoff_mode must be one of {HANDOFF_MODES}, "
+                             f"got {self.handoff_mode!r}")
+        for name in ("handoff_timeout_s", "fetch_timeout_s", "attach_timeout_s",
+                     "forward_deadline_s", "retry_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything one serving process needs."""
 
@@ -97,6 +127,7 @@ class ServeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    pd: PDConfig = field(default_factory=PDConfig)
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

@@ -1,0 +1,1 @@
+"""Minimal disaggregated front end: OpenAI API in, prefill forwarding with retry, SSE relay."""

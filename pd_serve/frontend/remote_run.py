@@ -1,0 +1,151 @@
+"""One request run remotely: the prefill instance's `first` event, then the decode instance's
+deltas, as the RequestOutputs the API's response shapers (pd_serve.api.generation) consume.
+
+Lifecycle:
+1. `admit_remote()` forwards the request (Forwarder.open) and waits for `first`; a rejection or
+   bad input is still a clean HTTP error;
+2. iterating `RemoteRest` reads the `handoff` event, closes the prefill stream, attaches to the
+   decode stream and yields one output per delta (text deltas from the cumulative text);
+3. `aclose()` (client gone, error, or done) closes both streams, which aborts the request on
+   whichever instance holds it, and asks decode to abort a hand-off not yet attached to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from pd_serve.api import generation as gen
+from pd_serve.api.errors import SERVER_ERROR, APIError
+from pd_serve.api.prepare import Prepared
+from pd_serve.engine.outputs import FinishReason, RequestOutput
+from pd_serve.frontend.forward import Forwarder, PrefillStream
+from pd_serve.frontend.sse import events
+from pd_serve.instance.messages import (
+    AbortRequest,
+    DeltaEvent,
+    FirstEvent,
+    HandoffEvent,
+    PrefillRequest,
+    SamplingWire,
+)
+
+log = logging.getLogger(__name__)
+
+
+async def admit_remote(fwd: Forwarder, request_id: str, model: str, prep: Prepared) -> gen.Run:
+    body = PrefillRequest(request_id=request_id, prompt_token_ids=prep.prompt_token_ids,
+                          sampling=SamplingWire.of(prep.params)).model_dump_json().encode()
+    prefill = await fwd.open(body)
+    rest = RemoteRest(fwd, request_id, prefill)
+    try:
+        first = FirstEvent.model_validate(await rest.expect("first"))
+    except BaseException:
+        await rest.aclose()
+        raise
+    rest.first = first
+    out = RequestOutput(request_id, [first.token_id], first.text, first.text, first.finished,
+                        _reason(first.finish_reason), first.prompt_tokens, 1, first.cached_tokens)
+    return gen.Run(request_id, model, out, rest)
+
+
+class RemoteRest:
+    """Async iterator over the outputs after the first; `aclose()` releases everything."""
+
+    def __init__(self, fwd: Forwarder, request_id: str, prefill: PrefillStream) -> None:
+        self.fwd = fwd
+        self.request_id = request_id
+        self.prefill: PrefillStream | None = prefill
+        self.prefill_events = events(prefill.response)
+        self.first: FirstEvent | None = None
+        self.decode_url: str | None = None
+        self.decode: httpx.Response | None = None
+        self.finished = False
+        self._gen: AsyncIterator[RequestOutput] | None = None
+
+    def __aiter__(self) -> RemoteRest:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._gen is None:
+            self._gen = self._outputs()
+        try:
+            return await self._gen.__anext__()
+        except httpx.HTTPError as exc:
+            raise APIError(502, f"lost the instance serving the request: {exc!r}",
+                           type=SERVER_ERROR, code="instance_unavailable") from exc
+
+    async def expect(self, name: str) -> dict[str, Any]:
+        """The next prefill event, which must be `name`; an `error` event becomes APIError."""
+        assert self.prefill is not None
+        async for event, data in self.prefill_events:
+            if event == name:
+                return data
+            if event == "error":
+                raise _remote_error(data, "prefill")
+        raise APIError(502, f"prefill stream ended before its {name!r} event",
+                       type=SERVER_ERROR, code="prefill_failed")
+
+    async def _outputs(self) -> AsyncIterator[RequestOutput]:
+        assert self.first is not None
+        if self.first.finished:
+            self.finished = True
+            return
+        handoff = HandoffEvent.model_validate(await self.expect("handoff"))
+        self.decode_url = handoff.decode_url
+        await self._close_prefill()
+        req = self.fwd.client.build_request(
+            "GET", f"{handoff.decode_url}/internal/stream/{self.request_id}")
+        self.decode = await self.fwd.client.send(req, stream=True)
+        if self.decode.status_code != 200:
+            await self.decode.aread()
+            raise APIError(502, f"decode stream refused: HTTP {self.decode.status_code} "
+                           f"{self.decode.text[:200]}", type=SERVER_ERROR, code="decode_failed")
+        sent = self.first.text
+        async for event, data in events(self.decode):
+            if event == "error":
+                raise _remote_error(data, "decode")
+            d = DeltaEvent.model_validate(data)
+            delta = d.text[len(sent):] if d.text.startswith(sent) else ""
+            sent = d.text if d.text.startswith(sent) else sent
+            self.finished = d.finished
+            yield RequestOutput(self.request_id, d.token_ids, delta, sent, d.finished,
+                                _reason(d.finish_reason), self.first.prompt_tokens,
+                                d.completion_tokens, self.first.cached_tokens)
+            if d.finished:
+                return
+        raise APIError(502, "the decode stream ended before the request finished",
+                       type=SERVER_ERROR, code="decode_failed")
+
+    async def _close_prefill(self) -> None:
+        if self.prefill is not None:
+            await self.prefill.close()
+            self.prefill = None
+
+    async def aclose(self) -> None:
+        await self._close_prefill()
+        if self.decode is not None:
+            await self.decode.aclose()
+        elif self.decode_url is not None and not self.finished:
+            await self._abort_on_decode()
+        self.decode_url = None  # idempotent: abort at most once
+
+    async def _abort_on_decode(self) -> None:
+        body = AbortRequest(request_id=self.request_id).model_dump_json()
+        try:
+            await self.fwd.client.post(f"{self.decode_url}/internal/abort", content=body,
+                                       headers={"content-type": "application/json"}, timeout=5.0)
+        except httpx.HTTPError as exc:
+            log.warning("abort of %s on %s failed: %s", self.request_id, self.decode_url, exc)
+
+
+def _reason(value: str | None) -> FinishReason | None:
+    return FinishReason(value) if value else None
+
+
+def _remote_error(data: dict[str, Any], where: str) -> APIError:
+    message = str(data.get("message", f"the {where} instance failed"))
+    return APIError(502, message, type=SERVER_ERROR, code=str(data.get("code", f"{where}_failed")))

@@ -1,0 +1,1 @@
+"""The resident serving process: stateless until given a role, then a prefill or decode instance."""

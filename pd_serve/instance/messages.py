@@ -1,0 +1,122 @@
+"""Control-plane messages between front end, prefill and decode instances (JSON over HTTP,
+validated with pydantic; no pickle on any wire). Every body carries `version`.
+
+Routes and bodies (instance side):
+* POST /internal/assign       AssignRequest -> {"role", "group", "decode_peers"}
+* POST /internal/prefill      PrefillRequest -> 429 no_free_slot | SSE: `first`, then `handoff`
+                              (or the stream ends after `first` when it finished) | `error`
+* POST /internal/handoff      HandoffRequest (prefill -> decode) -> 202 {"queued"}
+* POST /internal/handoff_done HandoffDone (decode -> prefill) -> {"released"}
+* GET  /internal/stream/{id}  SSE of `delta` events (decode), ending with a finished one | `error`
+* POST /internal/abort        AbortRequest -> {"aborted"}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pd_serve.engine.sampling_params import SamplingParams
+
+VERSION = 1
+Role = Literal["prefill", "decode"]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = VERSION
+
+
+class SamplingWire(BaseModel):
+    """SamplingParams as JSON (validated again by SamplingParams itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    @classmethod
+    def of(cls, p: SamplingParams) -> SamplingWire:
+        return cls(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                   top_k=p.top_k, seed=p.seed, stop=list(p.stop),
+                   stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+                   include_stop_str_in_output=p.include_stop_str_in_output)
+
+    def params(self) -> SamplingParams:
+        """ValueError (naming the field) on values SamplingParams refuses."""
+        d = self.model_dump()
+        return SamplingParams(**{**d, "stop": tuple(d["stop"]),
+                                 "stop_token_ids": tuple(d["stop_token_ids"])})
+
+
+class AssignRequest(_Msg):
+    role: Role
+    group: str = "default"
+    decode_peers: list[str] = Field(default_factory=list)
+
+
+class PrefillRequest(_Msg):
+    request_id: str = Field(min_length=1, max_length=200)
+    prompt_token_ids: list[int] = Field(min_length=1)
+    sampling: SamplingWire
+
+
+class HandoffRequest(_Msg):
+    request_id: str = Field(min_length=1, max_length=200)
+    prompt_token_ids: list[int] = Field(min_length=1)
+    first_token_id: int
+    sampling: SamplingWire
+    source: dict[str, Any]  # kv.HandoffSource as plain JSON
+    prefill_url: str  # where to POST HandoffDone
+
+
+class HandoffDone(_Msg):
+    request_id: str
+    ok: bool
+    error: str | None = None
+
+
+class AbortRequest(_Msg):
+    request_id: str
+
+
+class FirstEvent(BaseModel):
+    token_id: int
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    finished: bool
+    finish_reason: str | None
+
+
+class HandoffEvent(BaseModel):
+    decode_url: str
+    request_id: str
+
+
+class DeltaEvent(BaseModel):
+    """One decode step: `text` is the whole completion so far (first token included)."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class ErrorEvent(BaseModel):
+    message: str
+    code: str
+
+
+def sse(event: str, body: BaseModel | dict[str, Any]) -> str:
+    data = body.model_dump_json() if isinstance(body, BaseModel) else json.dumps(body)
+    return f"event: {event}\ndata: {data}\n\n"

@@ -1,0 +1,206 @@
+"""The prefill role: admission by `b_p` slots, first token streamed at once, KV staged into the
+slot's buffer, hand-off offered to a decode peer, slot held until decode confirms.
+
+Lifecycle of one request (who frees what):
+1. `admit()` takes a slot or raises 429 `no_free_slot` (nothing allocated, nothing queued);
+2. `run()` streams `first`; a finished request frees its blocks in the engine and the slot here;
+3. otherwise the parked request's blocks are staged into the slot's buffer (KVSender) and
+   released in the engine at once (`release_handoff`); the buffer and slot stay held;
+4. decode accepts the hand-off (`handoff` event, stream ends) and later POSTs HandoffDone, or the
+   hand-off timeout passes: then `sender.release(slot)` and the slot returns to the pool.
+Any failure or client disconnect before step 4 frees blocks, buffer and slot the same way.
+Frees are ordered behind the stage by running them as engine-thread calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pd_serve.api.errors import APIError
+from pd_serve.config import PDConfig
+from pd_serve.engine.async_engine import EngineError
+from pd_serve.engine.outputs import RequestOutput
+from pd_serve.instance.admission import SlotPool, rank_decode_peers
+from pd_serve.instance.messages import (
+    ErrorEvent,
+    FirstEvent,
+    HandoffDone,
+    HandoffEvent,
+    HandoffRequest,
+    PrefillRequest,
+    sse,
+)
+from pd_serve.instance.runtime import Runtime, source_to_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    slot: int
+    peer: str
+    deadline: float
+
+
+class PrefillRole:
+    def __init__(self, rt: Runtime, pd: PDConfig, self_url: str, peers: list[str]) -> None:
+        self.rt = rt
+        self.pd = pd
+        self.self_url = self_url
+        self.peers = list(peers)
+        self.slots = SlotPool(pd.b_p)
+        self.in_flight: dict[str, int] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._http = httpx.AsyncClient(timeout=10.0)
+        self._sweeper: asyncio.Task[None] | None = None
+        self.rejected = 0
+        self.timed_out = 0
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self._http.aclose()
+
+    def admit(self) -> int:
+        slot = self.slots.acquire()
+        if slot is None:
+            self.rejected += 1
+            raise APIError(429, f"all {self.slots.size} prefill slots are busy",
+                           type="server_error", code="no_free_slot")
+        return slot
+
+    async def run(self, req: PrefillRequest, slot: int) -> AsyncIterator[str]:
+        """SSE body of one admitted request; frees what it holds unless decode took over."""
+        rid, params = req.request_id, req.sampling.params()
+        prompt = list(req.prompt_token_ids)
+        outputs = self.rt.engine.stream(
+            rid, lambda e: e.add_request(rid, prompt, params, prefill_only=True))
+        parked = handed = False
+        try:
+            try:
+                first = await outputs.__anext__()
+            except (ValueError, EngineError) as exc:
+                yield sse("error", ErrorEvent(message=str(exc), code="prefill_failed"))
+                return
+            yield sse("first", _first_event(first))
+            if first.finished:
+                return
+            parked = True
+            try:
+                source = await self.rt.engine.call(lambda e: self._stage(e, slot, rid))
+                parked = False
+                peer = await self._offer(req, first.new_token_ids[0], source)
+            except Exception as exc:  # noqa: BLE001 - becomes the stream's error event
+                log.warning("hand-off of %s failed: %s", rid, exc)
+                yield sse("error", ErrorEvent(message=f"hand-off failed: {exc}",
+                                              code="handoff_failed"))
+                return
+            self._pending[rid] = _Pending(slot, peer, time.monotonic() + self.pd.handoff_timeout_s)
+            handed = True
+            yield sse("handoff", HandoffEvent(decode_url=peer, request_id=rid))
+        finally:
+            await outputs.aclose()
+            if not handed:
+                self._spawn(self._free(slot, rid if parked else None))
+
+    def _stage(self, engine: Any, slot: int, rid: str) -> Any:
+        """Engine thread: copies the parked request's KV into the slot buffer, frees its blocks."""
+        table, num_tokens = engine.handoff_blocks(rid)
+        try:
+            return self.rt.sender.stage(slot, self.rt.runner, table, num_tokens)
+        finally:
+            engine.release_handoff(rid)
+
+    async def _offer(self, req: PrefillRequest, first_token_id: int, source: Any) -> str:
+        """POSTs the hand-off to the least busy decode peer that accepts it; its URL."""
+        body = HandoffRequest(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+            first_token_id=first_token_id, sampling=req.sampling,
+            source=source_to_json(source), prefill_url=self.self_url).model_dump_json()
+        reasons = []
+        for peer in rank_decode_peers(self.peers, self.in_flight):
+            try:
+                r = await self._http.post(f"{peer}/internal/handoff", content=body,
+                                          headers={"content-type": "application/json"})
+            except httpx.HTTPError as exc:
+                reasons.append(f"{peer}: {type(exc).__name__}")
+                continue
+            if r.status_code == 202:
+                self.in_flight[peer] = self.in_flight.get(peer, 0) + 1
+                return peer
+            reasons.append(f"{peer}: HTTP {r.status_code} {r.text[:200]}")
+        raise RuntimeError("no decode instance took the hand-off"
+                           + (f" ({'; '.join(reasons)})" if reasons else " (no decode peers)"))
+
+    def handoff_done(self, msg: HandoffDone) -> bool:
+        pending = self._pending.pop(msg.request_id, None)
+        if pending is None:
+            return False
+        if not msg.ok:
+            log.warning("decode reported hand-off %s failed: %s", msg.request_id, msg.error)
+        self._settle(msg.request_id, pending)
+        return True
+
+    def _settle(self, rid: str, pending: _Pending) -> None:
+        self.in_flight[pending.peer] = max(0, self.in_flight.get(pending.peer, 0) - 1)
+        self._spawn(self._free(pending.slot, None))
+
+    async def _free(self, slot: int, parked_rid: str | None) -> None:
+        def release(engine: Any) -> None:
+            if parked_rid is not None:
+                engine.release_handoff(parked_rid)
+            self.rt.sender.release(slot)
+
+        try:
+            await self.rt.engine.call(release)
+        except Exception:
+            log.exception("freeing slot %d failed", slot)
+        self.slots.release(slot)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for rid, pending in list(self._pending.items()):
+                if pending.deadline <= now:
+                    del self._pending[rid]
+                    self.timed_out += 1
+                    log.warning("hand-off %s to %s not confirmed within %.0f s; slot %d freed",
+                                rid, pending.peer, self.pd.handoff_timeout_s, pending.slot)
+                    self._settle(rid, pending)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stats(self) -> dict[str, Any]:
+        leak = "busy"
+        if self.slots.busy == 0 and not self._tasks:
+            try:
+                await self.rt.engine.call(lambda e: self.rt.sender.leak_check())
+                leak = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported
+                leak = f"{type(exc).__name__}: {exc}"
+        return {"slots_busy": self.slots.busy, "slots_total": self.slots.size,
+                "waiting_handoffs": len(self._pending), "decode_peers": self.peers,
+                "rejected": self.rejected, "handoff_timeouts": self.timed_out,
+                "kv_leak_check": leak}
+
+
+def _first_event(out: RequestOutput) -> FirstEvent:
+    return FirstEvent(token_id=out.new_token_ids[0], text=out.text_delta,
+                      prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                      finished=out.finished,
+                      finish_reason=out.finish_reason.value if out.finish_reason else None)

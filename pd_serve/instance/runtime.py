@@ -1,0 +1,133 @@
+"""What an instance builds once it has a role: runner, tokenizer, engine thread and the KV
+transport with its sender (prefill) or receiver (decode). Every call into pd_serve.kv lives here.
+
+Lifecycle:
+1. `Runtime.build(cfg, role)` loads the model (blocking: call it off the event loop), creates the
+   transport and the role's KV side, and starts the engine thread;
+2. the role objects use `engine`, `runner`, `sender` / `receiver`;
+3. `close()` stops the engine thread, closes sender/receiver, transport and runner, in that order.
+Who frees what: the role objects free slots, buffers and blocks per request; `close` frees the
+rest whatever is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pd_serve.backends import create_runner
+from pd_serve.backends.base import ModelRunner, RunnerConfig
+from pd_serve.config import ServeConfig
+from pd_serve.engine.engine import LLMEngine
+from pd_serve.instance.role_engine import RoleEngine
+from pd_serve.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def model_dir(cfg: ServeConfig) -> Path:
+    p = Path(cfg.model.path)
+    p = p if p.is_absolute() else PROJECT_ROOT / p
+    if not p.is_dir():
+        raise ValueError(f"model.path: no model directory at {p}")
+    return p
+
+
+@dataclass
+class Runtime:
+    role: str
+    runner: ModelRunner
+    tokenizer: Tokenizer
+    engine: RoleEngine
+    transport: Any
+    sender: Any = None  # prefill: kv.KVSender
+    receiver: Any = None  # decode: kv.KVReceiver
+
+    @classmethod
+    def build(cls, cfg: ServeConfig, role: str) -> Runtime:
+        mdir = model_dir(cfg)
+        runner = create_runner(RunnerConfig(
+            model_dir=str(mdir), backend=cfg.model.backend, device=cfg.model.device,
+            dtype=cfg.model.dtype, block_size=cfg.cache.block_size,
+            num_blocks=cfg.cache.num_blocks, max_model_len=cfg.scheduler.max_model_len,
+            threads=cfg.model.threads))
+        try:
+            warmup = getattr(runner, "warmup", None)
+            if callable(warmup):
+                warmup()
+            tokenizer = Tokenizer(mdir)
+            llm = LLMEngine(runner, tokenizer, cfg.cache, cfg.scheduler)
+            transport = make_transport(cfg)
+        except BaseException:
+            runner.close()
+            raise
+        rt = cls(role, runner, tokenizer, RoleEngine(llm), transport)
+        if role == "prefill":
+            rt.sender = make_sender(cfg, transport, runner, llm.max_model_len)
+        else:
+            rt.receiver = make_receiver(cfg, transport, runner)
+        rt.engine.start()
+        return rt
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def close(self) -> None:
+        self.engine.stop()
+        for part in (self.sender, self.receiver, self.transport):
+            close = getattr(part, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %s failed", type(part).__name__)
+        self.runner.close()
+
+
+# -- the pd_serve.kv boundary ------------------------------------------------------------------
+
+def make_transport(cfg: ServeConfig) -> Any:
+    from pd_serve.kv.transport import CannExtTransport
+
+    return CannExtTransport(cfg.pd.transport_host)
+
+
+def make_sender(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_tokens: int) -> Any:
+    from pd_serve.kv.sender import KVSender
+
+    return KVSender(transport, runner.model_config, cfg.pd.b_p, max_tokens)
+
+
+def make_receiver(cfg: ServeConfig, transport: Any, runner: ModelRunner) -> Any:
+    from pd_serve.kv.receiver import KVReceiver
+
+    return KVReceiver(transport, runner.model_config)
+
+
+def source_to_json(source: Any) -> dict[str, Any]:
+    to_dict = getattr(source, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else dataclasses.asdict(source)
+
+
+def source_from_json(data: dict[str, Any]) -> Any:
+    """ValueError on a malformed descriptor."""
+    from pd_serve.kv.sender import HandoffSource
+
+    from_dict = getattr(HandoffSource, "from_dict", None)
+    try:
+        return from_dict(data) if callable(from_dict) else HandoffSource(**data)
+    except TypeError as exc:
+        raise ValueError(f"source: {exc}") from exc
+
+
+def handoff_error_types() -> tuple[type[BaseException], ...]:
+    try:
+        from pd_serve.kv.receiver import HandoffError
+    except ImportError:
+        return (OSError, TimeoutError)
+    return (HandoffError, OSError, TimeoutError)
