@@ -1,0 +1,135 @@
+"""Decode side of the KV hand-off: read a prefill slot buffer, verify it, RecvScatter it.
+
+Lifecycle (caller: the decode instance's hand-off code, one fetch at a time; `fetch` blocks up
+to its timeout):
+1. constructed: allocates one staging buffer sized for `staging_layout` (max_model_len tokens)
+   and registers it with the transport;
+2. `fetch(source, block_table, runner, mode, timeout_s)` connects to the source's endpoint
+   (connections and imported regions are cached per peer), reads the request's bytes into the
+   staging buffer (one read, one per layer, or one per block per layer per K/V), verifies the
+   per-layer checksums and writes the K/V into the reserved blocks with `runner.write_kv`;
+3. `close()` deregisters the staging buffer.
+Who frees what: the caller owns the reserved blocks (the engine's reservation) and cancels the
+reservation when `fetch` raises; a failed fetch registers nothing and drops the cached
+connection of the failing peer, so the next fetch from it reconnects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from pd_serve.backends.base import ModelRunner
+from pd_serve.kv.layout import KVLayout
+from pd_serve.kv.messages import HandoffSource
+from pd_serve.kv.sender import layer_checksums
+from pd_serve.kv.transport import Read, Transport, TransportError, TransportTimeout
+
+Mode = Literal["bulk", "per_layer", "block_fixed"]
+MODES: tuple[str, ...] = ("bulk", "per_layer", "block_fixed")
+
+
+class HandoffError(RuntimeError):
+    """A hand-off failed (transport error, timeout, bad metadata or checksum mismatch)."""
+
+
+class KVReceiver:
+    """One registered staging buffer plus cached peer connections."""
+
+    def __init__(self, transport: Transport, staging_layout: KVLayout, block_size: int) -> None:
+        self.transport = transport
+        self.staging_layout = staging_layout
+        self.block_size = block_size
+        self._staging = np.zeros(staging_layout.total_bytes, np.uint8)  # [total_bytes]
+        self._handle: int | None = transport.register(self._staging)
+        self._peers: dict[bytes, Any] = {}  # conn id -> peer
+        self._remotes: dict[tuple[bytes, bytes], Any] = {}  # (conn id, region) -> remote
+        self.last_num_reads = 0  # ranges the last fetch read (bulk 1, per layer L, ...)
+
+    def fetch(self, source: HandoffSource, block_table: list[int], runner: ModelRunner,
+              mode: Mode = "bulk", timeout_s: float = 10.0) -> np.ndarray:
+        """Moves the request's K/V into `block_table`'s blocks; returns the received K/V
+        [num_layers, 2, num_tokens, num_kv_heads, head_dim] (a view of the staging buffer,
+        valid until the next fetch). HandoffError on any failure."""
+        layout = self._check(source, block_table, mode)
+        reads = [Read(off, source.offset + off, n) for off, n in _ranges(layout, mode,
+                                                                         self.block_size)]
+        try:
+            peer, remote = self._connect(source, timeout_s)
+            self.transport.read_batch(peer, self._require_handle(), remote, reads, timeout_s)
+        except TransportTimeout as exc:
+            self._forget(source.conn_id)
+            raise HandoffError(f"hand-off of {source.request_id!r} timed out after "
+                               f"{timeout_s} s: {exc}") from exc
+        except TransportError as exc:
+            self._forget(source.conn_id)
+            raise HandoffError(f"hand-off of {source.request_id!r} failed: {exc}") from exc
+        self.last_num_reads = len(reads)
+        got = layer_checksums(layout, self._staging)
+        bad = [i for i, (a, b) in enumerate(zip(got, source.checksums)) if a != b]
+        if bad:
+            raise HandoffError(f"hand-off of {source.request_id!r}: checksum mismatch in "
+                               f"layer(s) {bad} ({len(bad)} of {layout.num_layers})")
+        kv = layout.to_array(self._staging)
+        runner.write_kv(block_table, kv)
+        return kv
+
+    def _check(self, source: HandoffSource, block_table: list[int], mode: str) -> KVLayout:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        layout, mine = source.layout, self.staging_layout
+        if (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype) != (
+                mine.num_layers, mine.num_kv_heads, mine.head_dim, mine.dtype):
+            raise HandoffError(f"hand-off of {source.request_id!r}: source layout {layout} "
+                               f"does not match this model's {mine}")
+        if layout.num_tokens > mine.num_tokens:
+            raise HandoffError(f"hand-off of {source.request_id!r}: {layout.num_tokens} "
+                               f"tokens exceed the staging buffer's {mine.num_tokens}")
+        need = -(-layout.num_tokens // self.block_size)
+        if len(block_table) != need:
+            raise HandoffError(f"hand-off of {source.request_id!r}: {len(block_table)} "
+                               f"reserved blocks for {layout.num_tokens} tokens (need {need})")
+        return layout
+
+    def _connect(self, source: HandoffSource, timeout_s: float) -> tuple[Any, Any]:
+        peer = self._peers.get(source.conn_id)
+        if peer is None:
+            peer = self.transport.connect(source.conn_id, timeout_s)
+            self._peers[source.conn_id] = peer
+        key = (source.conn_id, source.region)
+        remote = self._remotes.get(key)
+        if remote is None:
+            remote = self.transport.import_(peer, source.region)
+            self._remotes[key] = remote
+        return peer, remote
+
+    def _forget(self, conn_id: bytes) -> None:
+        self._peers.pop(conn_id, None)
+        for key in [k for k in self._remotes if k[0] == conn_id]:
+            del self._remotes[key]
+
+    def _require_handle(self) -> int:
+        if self._handle is None:
+            raise TransportError("the receiver is closed")
+        return self._handle
+
+    @property
+    def num_peers(self) -> int:
+        return len(self._peers)
+
+    def close(self) -> None:
+        """Deregisters the staging buffer; the receiver must not be used afterwards."""
+        if self._handle is not None:
+            self.transport.deregister(self._handle)
+            self._handle = None
+        self._peers.clear()
+        self._remotes.clear()
+
+
+def _ranges(layout: KVLayout, mode: str, block_size: int) -> list[tuple[int, int]]:
+    if mode == "bulk":
+        return [(0, layout.total_bytes)]
+    if mode == "per_layer":
+        return layout.layer_ranges()
+    return layout.block_fixed_ranges(block_size)

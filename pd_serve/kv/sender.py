@@ -1,0 +1,104 @@
+"""Prefill side of the KV hand-off: per-slot contiguous buffers that decode instances read.
+
+Lifecycle (caller: the prefill instance's engine thread; nothing blocks on the network):
+1. constructed: allocates `num_slots` slot buffers, each sized for the slot layout's tokens
+   (max_model_len), registers each with the transport and exports its descriptor once;
+2. `stage(slot, runner, block_table, num_tokens)` copies a parked request's K/V out of the paged
+   cache into the slot buffer as [layer0.K | layer0.V | layer1.K | ...], checksums each layer
+   and returns the `HandoffSource` to send to a decode instance;
+3. the decode instance reads the bytes (the transport serves them; the sender does nothing);
+4. `release(slot)` once the hand-off completed or failed (the caller then releases the
+   request's blocks in the engine too);
+5. `close()` deregisters the slot buffers.
+Who frees what: the caller picks free slots and must `release` every staged slot; the sender
+owns and deregisters its buffers. `leak_check()` asserts no slot is staged.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from pd_serve.backends.base import ModelRunner
+from pd_serve.kv.layout import KVLayout
+from pd_serve.kv.messages import HandoffSource
+from pd_serve.kv.transport import Transport
+
+
+def layer_checksums(layout: KVLayout, buffer: np.ndarray) -> tuple[int, ...]:
+    """zlib.crc32 of each layer's K and V planes in `buffer` (flat uint8)."""
+    return tuple(zlib.crc32(buffer.data[off:off + n]) for off, n in layout.layer_ranges())
+
+
+class KVSender:
+    """`num_slots` registered slot buffers of `slot_layout.total_bytes` bytes each."""
+
+    def __init__(self, transport: Transport, slot_layout: KVLayout, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        self.transport = transport
+        self.slot_layout = slot_layout
+        # One flat byte buffer per slot: [slot_layout.total_bytes] uint8.
+        self._buffers = [np.zeros(slot_layout.total_bytes, np.uint8) for _ in range(num_slots)]
+        self._handles: list[int] = []
+        self._regions: list[bytes] = []
+        try:
+            for buf in self._buffers:
+                self._handles.append(transport.register(buf))
+                self._regions.append(transport.export(self._handles[-1]))
+            self._conn_id = transport.conn_id()
+        except Exception:
+            self.close()
+            raise
+        self._staged: dict[int, str] = {}  # slot -> request id
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._buffers)
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.num_slots) if s not in self._staged]
+
+    def stage(self, slot: int, runner: ModelRunner, block_table: list[int], num_tokens: int,
+              request_id: str = "") -> HandoffSource:
+        """Copies `num_tokens` tokens of K/V from `block_table`'s blocks into slot `slot`.
+        ValueError for a busy or unknown slot or a request longer than the slot."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} outside [0, {self.num_slots})")
+        if slot in self._staged:
+            raise ValueError(f"slot {slot} still holds request {self._staged[slot]!r}")
+        if not 1 <= num_tokens <= self.slot_layout.num_tokens:
+            raise ValueError(f"{num_tokens} tokens do not fit a slot of "
+                             f"{self.slot_layout.num_tokens}")
+        layout = self.slot_layout.with_tokens(num_tokens)
+        kv = runner.read_kv(block_table, num_tokens)  # [layers, 2, tokens, kv_heads, head_dim]
+        dst = layout.to_array(self._buffers[slot])
+        if kv.shape != dst.shape:
+            raise ValueError(f"runner KV {kv.shape} does not match the layout {dst.shape}")
+        dst[...] = kv
+        self._staged[slot] = request_id
+        return HandoffSource(request_id=request_id, conn_id=self._conn_id,
+                             region=self._regions[slot], offset=0, layout=layout,
+                             checksums=layer_checksums(layout, self._buffers[slot]))
+
+    def release(self, slot: int) -> None:
+        """Frees a staged slot (hand-off done or failed); releasing a free slot is a no-op."""
+        self._staged.pop(slot, None)
+
+    def buffer(self, slot: int) -> np.ndarray:
+        """The slot's flat byte buffer (tests and diagnostics)."""
+        return self._buffers[slot]
+
+    def leak_check(self) -> None:
+        """AssertionError if a slot is still staged or a buffer lost its registration."""
+        if self._staged:
+            raise AssertionError(f"slots still staged: {self._staged}")
+        if len(self._handles) != self.num_slots:
+            raise AssertionError("slot buffers are not all registered")
+
+    def close(self) -> None:
+        """Deregisters every slot buffer; the sender must not be used afterwards."""
+        while self._handles:
+            self.transport.deregister(self._handles.pop())
+        self._regions.clear()
