@@ -58,6 +58,7 @@ class DecodeRole:
         self._queue: deque[tuple[HandoffRequest, Any]] = deque()
         self._streams: dict[str, _Stream] = {}
         self._fetching = 0
+        self._fetch_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=10.0)
@@ -111,8 +112,9 @@ class DecodeRole:
     async def _retrieve(self, msg: HandoffRequest, source: Any, table: Any) -> None:
         rid = msg.request_id
         try:
-            await asyncio.to_thread(self.rt.receiver.fetch, source, table, self.rt.runner,
-                                    mode=self.pd.handoff_mode, timeout_s=self.pd.fetch_timeout_s)
+            async with self._fetch_lock:  # one staging buffer: fetches take turns
+                await asyncio.to_thread(self.rt.receiver.fetch, source, table, self.rt.runner,
+                                        self.pd.handoff_mode, self.pd.fetch_timeout_s)
         except Exception as exc:  # noqa: BLE001 - HandoffError and transport failures
             await self._cancel_reservation(rid)
             await self._fail(msg, f"KV fetch failed: {exc}")

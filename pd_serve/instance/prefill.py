@@ -118,7 +118,7 @@ class PrefillRole:
         """Engine thread: copies the parked request's KV into the slot buffer, frees its blocks."""
         table, num_tokens = engine.handoff_blocks(rid)
         try:
-            return self.rt.sender.stage(slot, self.rt.runner, table, num_tokens)
+            return self.rt.sender.stage(slot, self.rt.runner, table, num_tokens, rid)
         finally:
             engine.release_handoff(rid)
 

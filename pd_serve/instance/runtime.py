@@ -12,7 +12,6 @@ rest whatever is left.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ class Runtime:
         if role == "prefill":
             rt.sender = make_sender(cfg, transport, runner, llm.max_model_len)
         else:
-            rt.receiver = make_receiver(cfg, transport, runner)
+            rt.receiver = make_receiver(cfg, transport, runner, llm.max_model_len)
         rt.engine.start()
         return rt
 
@@ -94,40 +93,31 @@ class Runtime:
 def make_transport(cfg: ServeConfig) -> Any:
     from pd_serve.kv.transport import CannExtTransport
 
-    return CannExtTransport(cfg.pd.transport_host)
+    return CannExtTransport(f"{cfg.pd.transport_host}:0")
 
 
 def make_sender(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_tokens: int) -> Any:
+    """`b_p` slot buffers, each big enough for the longest prompt the engine admits."""
+    from pd_serve.kv.layout import KVLayout
     from pd_serve.kv.sender import KVSender
 
-    return KVSender(transport, runner.model_config, cfg.pd.b_p, max_tokens)
+    return KVSender(transport, KVLayout.for_model(runner.model_config, max_tokens), cfg.pd.b_p)
 
 
-def make_receiver(cfg: ServeConfig, transport: Any, runner: ModelRunner) -> Any:
+def make_receiver(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_tokens: int) -> Any:
+    from pd_serve.kv.layout import KVLayout
     from pd_serve.kv.receiver import KVReceiver
 
-    return KVReceiver(transport, runner.model_config)
+    return KVReceiver(transport, KVLayout.for_model(runner.model_config, max_tokens),
+                      cfg.cache.block_size)
 
 
 def source_to_json(source: Any) -> dict[str, Any]:
-    to_dict = getattr(source, "to_dict", None)
-    return dict(to_dict()) if callable(to_dict) else dataclasses.asdict(source)
+    return dict(source.to_dict())
 
 
 def source_from_json(data: dict[str, Any]) -> Any:
     """ValueError on a malformed descriptor."""
-    from pd_serve.kv.sender import HandoffSource
+    from pd_serve.kv.messages import HandoffSource
 
-    from_dict = getattr(HandoffSource, "from_dict", None)
-    try:
-        return from_dict(data) if callable(from_dict) else HandoffSource(**data)
-    except TypeError as exc:
-        raise ValueError(f"source: {exc}") from exc
-
-
-def handoff_error_types() -> tuple[type[BaseException], ...]:
-    try:
-        from pd_serve.kv.receiver import HandoffError
-    except ImportError:
-        return (OSError, TimeoutError)
-    return (HandoffError, OSError, TimeoutError)
+    return HandoffSource.from_dict(data)

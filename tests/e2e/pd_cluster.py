@@ -1,0 +1,113 @@
+"""Real P/D processes on loopback for end-to-end tests: decode and prefill instances and the
+front end (`python -m pd_serve instance|frontend`), each on a free port with its own log.
+
+Lifecycle:
+1. `PDCluster(tmp, backend, **pd)` writes one config; nothing runs yet;
+2. `start()` launches decode, prefill (peered with decode) and front end, waiting for /health;
+3. `add_decode()` starts one more decode instance; `kill(proc)` SIGKILLs one;
+4. `stop()` SIGINTs everything still running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tests.e2e.server_process import DEMO_MODEL, REPO, free_port
+
+
+def write_pd_config(path: Path, backend: str, threads: int = 1, **pd: Any) -> Path:
+    cfg = {"model": {"path": str(DEMO_MODEL), "backend": backend, "threads": threads},
+           "cache": {"block_size": 16, "num_blocks": 256},
+           "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 2048},
+           "server": {"max_tokens_default": 32},
+           "pd": {"handoff_timeout_s": 10.0, "attach_timeout_s": 10.0, **pd}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], log: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        cmd = [sys.executable, "-m", "pd_serve", *args, "--port", str(self.port),
+               "--log-level", "warning"]
+        with log.open("wb") as f:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_healthy(self, timeout: float = 300.0) -> Proc:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not healthy:\n{self.log()}")
+
+    def stats(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/stats", timeout=10.0).json())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+class PDCluster:
+    def __init__(self, tmp: Path, backend: str = "torch", threads: int = 1, **pd: Any) -> None:
+        self.tmp = tmp
+        self.config = write_pd_config(tmp / "pd.yaml", backend, threads, **pd)
+        self.decodes: list[Proc] = []
+        self.prefill: Proc | None = None
+        self.frontend: Proc | None = None
+
+    def _common(self) -> list[str]:
+        return ["--config", str(self.config)]
+
+    def add_decode(self) -> Proc:
+        n = len(self.decodes)
+        p = Proc(f"decode-{n}", ["instance", "--role", "decode", *self._common()],
+                 self.tmp / f"decode-{n}.log")
+        self.decodes.append(p)
+        return p.wait_healthy()
+
+    def start(self) -> PDCluster:
+        self.add_decode()
+        self.prefill = Proc("prefill", ["instance", "--role", "prefill", "--decode-peers",
+                                        self.decodes[0].url, *self._common()],
+                            self.tmp / "prefill.log").wait_healthy()
+        self.frontend = Proc("frontend", ["frontend", "--prefill", self.prefill.url,
+                                          *self._common()], self.tmp / "frontend.log")
+        self.frontend.wait_healthy()
+        return self
+
+    def logs(self) -> str:
+        procs = [p for p in (self.frontend, self.prefill, *self.decodes) if p is not None]
+        return "\n".join(f"--- {p.name}\n{p.log()}" for p in procs)
+
+    def stop(self) -> list[int]:
+        procs = [p for p in (self.frontend, self.prefill, *self.decodes) if p is not None]
+        return [p.stop() for p in procs]
