@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pd_serve.kv.layout import K, V, KVLayout
+from pd_serve.kv.layout import K, KVLayout, V
 from pd_serve.kv.messages import HandoffDone, HandoffSource
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype="float32", itemsize=4,
