@@ -7,7 +7,8 @@ to its timeout):
 2. `fetch(source, block_table, runner, mode, timeout_s)` connects to the source's endpoint
    (connections and imported regions are cached per peer), reads the request's bytes into the
    staging buffer (one read, one per layer, or one per block per layer per K/V), verifies the
-   per-layer checksums and writes the K/V into the reserved blocks with `runner.write_kv`;
+   per-layer checksums and writes the K/V into the reserved blocks with `runner.write_kv`
+   (`read` does the same without the write, for callers that scatter on the engine thread);
 3. `close()` deregisters the staging buffer.
 Who frees what: the caller owns the reserved blocks (the engine's reservation) and cancels the
 reservation when `fetch` raises; a failed fetch registers nothing and drops the cached
@@ -49,9 +50,18 @@ class KVReceiver:
 
     def fetch(self, source: HandoffSource, block_table: list[int], runner: ModelRunner,
               mode: Mode = "bulk", timeout_s: float = 10.0) -> np.ndarray:
-        """Moves the request's K/V into `block_table`'s blocks; returns the received K/V
-        [num_layers, 2, num_tokens, num_kv_heads, head_dim] (a view of the staging buffer,
-        valid until the next fetch). HandoffError on any failure."""
+        """`read`, then RecvScatter: writes the K/V into `block_table`'s blocks with
+        `runner.write_kv`; returns the received K/V. HandoffError on any failure."""
+        kv = self.read(source, block_table, mode, timeout_s)
+        runner.write_kv(block_table, kv)
+        return kv
+
+    def read(self, source: HandoffSource, block_table: list[int], mode: Mode = "bulk",
+             timeout_s: float = 10.0) -> np.ndarray:
+        """Reads and verifies the request's K/V without touching the cache; returns
+        [num_layers, 2, num_tokens, num_kv_heads, head_dim], a view of the staging buffer valid
+        until the next read (for callers that must run `write_kv` on the engine thread, since
+        a runner is not thread-safe). HandoffError on any failure."""
         layout = self._check(source, block_table, mode)
         reads = [Read(off, source.offset + off, n) for off, n in _ranges(layout, mode,
                                                                          self.block_size)]
@@ -71,9 +81,7 @@ class KVReceiver:
         if bad:
             raise HandoffError(f"hand-off of {source.request_id!r}: checksum mismatch in "
                                f"layer(s) {bad} ({len(bad)} of {layout.num_layers})")
-        kv = layout.to_array(self._staging)
-        runner.write_kv(block_table, kv)
-        return kv
+        return layout.to_array(self._staging)
 
     def _check(self, source: HandoffSource, block_table: list[int], mode: str) -> KVLayout:
         if mode not in MODES:

@@ -183,15 +183,18 @@ class CannExtTransport(Transport):
 
     The endpoint's progress threads serve peers' READs of our registered regions, so the
     prefill side never calls anything per hand-off; the decode side connects and reads.
+    A read batch that timed out stays in flight in C (it may still land in the local region),
+    so it is kept and reaped before the next batch starts: a new batch never runs while an
+    old one can still write the same buffer, and `close` waits for stragglers.
     """
 
     def __init__(self, bind: str = "127.0.0.1:0") -> None:
         from pd_serve.kv import cann_ext
 
         self._cx = cann_ext
+        self._pending: list[int] = []  # timed-out requests not yet reaped
         try:
-            # Any: written against the cann_ext module's host-TCP API as it lands.
-            self._ep: Any = cann_ext.Endpoint(bind)  # type: ignore[call-arg]
+            self._ep: Any = cann_ext.Endpoint(bind)
         except cann_ext.CannExtError as exc:
             raise TransportError(str(exc)) from exc
 
@@ -227,12 +230,32 @@ class CannExtTransport(Transport):
 
     def read_batch(self, peer: Any, local: int, remote: Any, reads: list[Read],
                    timeout_s: float) -> None:
+        self._reap(timeout_s)
         xfers = [(local, r.local_offset, r.length, remote, r.remote_offset) for r in reads]
         request = self._call(self._ep.post, peer, "read", xfers)
-        self._call(self._ep.wait, request, _ms(timeout_s))
+        try:
+            self._call(self._ep.wait, request, _ms(timeout_s))
+        except TransportTimeout:
+            self._pending.append(request)
+            raise
+
+    def _reap(self, timeout_s: float) -> None:
+        """Waits for timed-out batches; TransportTimeout if one is still in flight."""
+        while self._pending:
+            try:
+                self._call(self._ep.wait, self._pending[0], _ms(timeout_s))
+            except TransportTimeout as exc:
+                raise TransportTimeout(f"an earlier timed-out read is still in flight: "
+                                       f"{exc}") from exc
+            except TransportError:
+                pass  # it finished with an error: it is freed all the same
+            self._pending.pop(0)
 
     def close(self) -> None:
-        self._call(self._ep.close)
+        try:
+            self._reap(10.0)
+        finally:
+            self._call(self._ep.close)
 
 
 _CX_ERR_TIMEOUT = 8
