@@ -5,13 +5,20 @@
  * One API, several backends: host TCP (always built), NCCL and HCCL (built with the CMake
  * options CANN_EXT_WITH_NCCL / CANN_EXT_WITH_HCCL; vendor libraries are loaded at run time).
  *
- * WHAT IS BUILT TODAY (host-only first build):
+ * WHAT IS BUILT TODAY:
  *   - version, status strings and the per-thread detail message;
- *   - endpoint create/destroy and memory registration bookkeeping (no I/O);
+ *   - the host TCP backend, every function below: endpoints, connection ids, connect/accept,
+ *     registration, export/import, SEND/RECV/WRITE/READ batches, cx_test/cx_wait;
  *   - cx_gather_blocks / cx_scatter_blocks.
- * Everything that needs the network (cx_endpoint_conn_id, cx_endpoint_connect,
- * cx_endpoint_accept, cx_mem_export, cx_mem_import, cx_post, cx_test, cx_wait) is declared with
- * its final signature but returns CX_ERR_UNSUPPORTED ("not built yet") in this build.
+ * NCCL and HCCL are options whose sources are not written yet (cx_endpoint_create answers
+ * CX_ERR_UNSUPPORTED for them); they slot in behind this same API.
+ *
+ * Host TCP in brief (wire format in src/wire.h): cx_endpoint_conn_id listens on
+ * config.bind_address and returns "cx-tcp/1 <ip> <port> <nonce>"; each endpoint has an
+ * acceptor thread, and each connected peer a receiver and a sender thread that serve the
+ * peer's one-sided ops straight from / into registered memory (no staging copy) and land the
+ * answers to our posts. A peer that closes mid-transfer or sends fewer bytes than announced
+ * fails its pending ops with CX_ERR_CONNECTION ("partial transfer: got X of Y ... bytes").
  *
  * Endpoint lifecycle:
  *   1. cx_endpoint_create: allocate an endpoint for one backend (no I/O yet).
@@ -24,9 +31,12 @@
  *   5. cx_post a batch of transfers; poll cx_test or block in cx_wait until it completes.
  *   6. cx_mem_deregister every region, then cx_endpoint_destroy.
  *
- * Threading: one endpoint is used by one thread at a time. The copy kernels, the version and the
- * status strings are safe from any thread. Every function returns a cx_status; on failure
- * cx_last_error() gives a one-line detail for the calling thread.
+ * Threading: an endpoint's functions may be called from any thread; an internal lock
+ * serializes them with the endpoint's own progress threads, and cx_wait / cx_endpoint_accept
+ * sleep without holding it. cx_endpoint_destroy must not race other calls on the same
+ * endpoint. The copy kernels, the version and the status strings are safe from any thread.
+ * Every function returns a cx_status; on failure cx_last_error() gives a one-line detail for
+ * the calling thread (for a failed request: the first failed op and why).
  */
 #ifndef CANN_EXT_H
 #define CANN_EXT_H
@@ -129,30 +139,36 @@ CX_API int cx_abi_version(void);
 CX_API const char *cx_status_string(cx_status status);
 /* Detail of the calling thread's last failure ("" if none); valid until its next cx_ call. */
 CX_API const char *cx_last_error(void);
-/* 1 if transfers of this backend work in this build, else 0 (all 0 in the host-only build). */
+/* 1 if transfers of this backend work in this build, else 0 (host TCP: always 1). */
 CX_API int cx_backend_available(cx_backend backend);
 
-/* ---- endpoint (create/destroy built; the rest CX_ERR_UNSUPPORTED "not built yet") ---- */
+/* ---- endpoint ---- */
 
 /* Allocates an endpoint; no I/O. NCCL/HCCL: CX_ERR_UNSUPPORTED unless built with them. */
 CX_API cx_status cx_endpoint_create(const cx_endpoint_config *config, cx_endpoint **out);
-/* Frees the endpoint. CX_ERR_BUSY (nothing freed) while registrations remain. NULL is a no-op. */
+/* Closes every peer, stops the progress threads and frees the endpoint. CX_ERR_BUSY (nothing
+ * freed) while registrations remain or requests are not yet reaped by cx_test/cx_wait.
+ * NULL is a no-op. */
 CX_API cx_status cx_endpoint_destroy(cx_endpoint *ep);
-/* Starts listening and writes the connection id blob to publish (<= CX_CONN_ID_MAX_BYTES). */
+/* Starts listening (first call) and writes the connection id blob to publish
+ * (<= CX_CONN_ID_MAX_BYTES). Host TCP: bind_address must be the IPv4 address peers dial. */
 CX_API cx_status cx_endpoint_conn_id(cx_endpoint *ep, void *buf, size_t cap, size_t *len);
-/* Connects to the peer whose connection id blob is given; blocks up to timeout_ms. */
+/* Connects to the peer whose connection id blob is given; blocks up to timeout_ms
+ * (CX_ERR_TIMEOUT; CX_ERR_CONNECTION when refused or the id is stale). */
 CX_API cx_status cx_endpoint_connect(cx_endpoint *ep, const void *conn_id, size_t len,
                                      uint32_t timeout_ms, cx_peer *peer);
-/* Accepts one incoming connection; blocks up to timeout_ms. */
+/* Returns the next connection the acceptor took in; blocks up to timeout_ms (CX_ERR_TIMEOUT).
+ * Needs cx_endpoint_conn_id first. Peers live until cx_endpoint_destroy. */
 CX_API cx_status cx_endpoint_accept(cx_endpoint *ep, uint32_t timeout_ms, cx_peer *peer);
 
-/* ---- memory registration (register/deregister/query built; export/import not yet) ---- */
+/* ---- memory registration ---- */
 
 /* Records [addr, addr + length) for transfers. Ranges may not overlap an existing registration
  * (CX_ERR_EXISTS). The caller owns the memory and keeps it alive until cx_mem_deregister. */
 CX_API cx_status cx_mem_register(cx_endpoint *ep, void *addr, uint64_t length, cx_mem_kind kind,
                                  cx_mem_handle *out);
-/* Forgets a registration. CX_ERR_NOT_FOUND for an unknown handle. */
+/* Forgets a registration. CX_ERR_NOT_FOUND for an unknown handle, CX_ERR_BUSY while a
+ * transfer (ours or a peer's) is moving its bytes. */
 CX_API cx_status cx_mem_deregister(cx_endpoint *ep, cx_mem_handle handle);
 /* Address and length of a live registration. */
 CX_API cx_status cx_mem_query(const cx_endpoint *ep, cx_mem_handle handle, void **addr,
@@ -162,14 +178,18 @@ CX_API cx_status cx_mem_count(const cx_endpoint *ep, size_t *count);
 /* Describes a registration for a peer's one-sided access (<= CX_MEM_DESC_MAX_BYTES). */
 CX_API cx_status cx_mem_export(cx_endpoint *ep, cx_mem_handle handle, void *buf, size_t cap,
                                size_t *len);
-/* Imports a peer's exported descriptor for WRITE/READ. */
+/* Imports a peer's exported descriptor for WRITE/READ. CX_ERR_NOT_FOUND when the descriptor
+ * comes from another endpoint than `peer` (stale). Imports live until cx_endpoint_destroy. */
 CX_API cx_status cx_mem_import(cx_endpoint *ep, cx_peer peer, const void *desc, size_t len,
                                cx_remote_handle *out);
 
-/* ---- transfers (not built yet: CX_ERR_UNSUPPORTED) ---- */
+/* ---- transfers ---- */
 
 /* Posts n transfers of one op to one peer as one request; returns at once. Every range is
- * checked against its registration before anything moves (CX_ERR_OUT_OF_RANGE). */
+ * checked against its registration before anything moves (CX_ERR_OUT_OF_RANGE); the peer
+ * checks again and answers a refusal (unknown or deregistered handle, range) as that op's
+ * status. n <= 2^24; CX_ERR_BUSY beyond max_inflight live requests. A SEND completes once its
+ * bytes are handed to the socket, the other ops once the peer confirmed them. */
 CX_API cx_status cx_post(cx_endpoint *ep, cx_peer peer, cx_op op, const cx_xfer *xfers, size_t n,
                          cx_request *out);
 /* Non-blocking: *done = 1 once the request finished; the return value is then its final status

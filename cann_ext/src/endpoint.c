@@ -1,37 +1,32 @@
-/* Endpoint objects and memory registration bookkeeping; network entry points are stubs.
+/* Endpoint objects and memory registration bookkeeping.
  *
  * Lifecycle of a registration:
  *   1. cx_mem_register records [addr, addr + length) under a fresh non-zero handle;
- *   2. transfers (once built) check their ranges against it;
- *   3. cx_mem_deregister forgets it; cx_endpoint_destroy refuses while any remain.
+ *   2. transfers check their ranges against it and pin it while bytes move (local posts until
+ *      their op completes, a peer's READ/WRITE while the progress threads serve it);
+ *   3. cx_mem_deregister forgets it (CX_ERR_BUSY while pinned); cx_endpoint_destroy refuses
+ *      while any remain.
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "internal.h"
 
-typedef struct registration {
-    cx_mem_handle handle;
-    uintptr_t addr;
-    uint64_t length;
-    cx_mem_kind kind;
-} registration;
-
-struct cx_endpoint {
-    cx_backend backend;
-    int32_t device_id;
-    uint32_t timeout_ms;
-    registration *regs; /* live registrations, unordered */
-    size_t num_regs;
-    size_t cap_regs;
-    cx_mem_handle next_handle;
-};
-
-cx_status cx_endpoint_create(const cx_endpoint_config *config, cx_endpoint **out) {
-    if (config == NULL || out == NULL) {
-        return cx_fail(CX_ERR_INVALID_ARG, "cx_endpoint_create: config and out must not be NULL");
+static uint64_t make_nonce(const void *salt) {
+    uint64_t nonce = 0;
+    if (getrandom(&nonce, sizeof nonce, 0) != (ssize_t)sizeof nonce) {
+        struct timespec ts; /* fallback: unique enough to tell endpoint incarnations apart */
+        clock_gettime(CLOCK_REALTIME, &ts);
+        nonce = ((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 16) ^
+                (uint64_t)(uintptr_t)salt;
     }
-    *out = NULL;
+    return nonce == 0 ? 1 : nonce;
+}
+
+static cx_status check_config(const cx_endpoint_config *config) {
     if (config->backend == CX_BACKEND_NCCL || config->backend == CX_BACKEND_HCCL) {
         return cx_fail(CX_ERR_UNSUPPORTED, "cx_endpoint_create: backend %d is not built yet",
                        (int)config->backend);
@@ -40,14 +35,55 @@ cx_status cx_endpoint_create(const cx_endpoint_config *config, cx_endpoint **out
         return cx_fail(CX_ERR_INVALID_ARG, "cx_endpoint_create: unknown backend %d",
                        (int)config->backend);
     }
+    const char *bind = config->bind_address;
+    if (bind != NULL && strlen(bind) >= sizeof ((cx_endpoint *)0)->bind_address) {
+        return cx_fail(CX_ERR_INVALID_ARG, "cx_endpoint_create: bind_address is too long");
+    }
+    return CX_OK;
+}
+
+static int init_sync(cx_endpoint *ep) {
+    pthread_condattr_t attr;
+    if (pthread_condattr_init(&attr) != 0) {
+        return -1;
+    }
+    /* cx_wait / cx_endpoint_accept deadlines must not jump with the wall clock. */
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&ep->cv, &attr);
+    pthread_condattr_destroy(&attr);
+    if (rc != 0) {
+        return -1;
+    }
+    if (pthread_mutex_init(&ep->mu, NULL) != 0) {
+        pthread_cond_destroy(&ep->cv);
+        return -1;
+    }
+    return 0;
+}
+
+cx_status cx_endpoint_create(const cx_endpoint_config *config, cx_endpoint **out) {
+    if (config == NULL || out == NULL) {
+        return cx_fail(CX_ERR_INVALID_ARG, "cx_endpoint_create: config and out must not be NULL");
+    }
+    *out = NULL;
+    cx_status st = check_config(config);
+    if (st != CX_OK) {
+        return st;
+    }
     cx_endpoint *ep = calloc(1, sizeof *ep);
-    if (ep == NULL) {
+    if (ep == NULL || init_sync(ep) != 0) {
+        free(ep);
         return cx_fail(CX_ERR_NO_MEMORY, "cx_endpoint_create: out of memory");
     }
     ep->backend = config->backend;
     ep->device_id = config->device_id;
     ep->timeout_ms = config->timeout_ms;
+    ep->max_inflight = config->max_inflight ? config->max_inflight : CX_DEFAULT_MAX_INFLIGHT;
+    strcpy(ep->bind_address, config->bind_address ? config->bind_address : "127.0.0.1:0");
+    ep->nonce = make_nonce(ep);
     ep->next_handle = 1;
+    ep->next_request = 1;
+    ep->listen_fd = -1;
     *out = ep;
     return cx_ok();
 }
@@ -56,13 +92,46 @@ cx_status cx_endpoint_destroy(cx_endpoint *ep) {
     if (ep == NULL) {
         return cx_ok();
     }
-    if (ep->num_regs > 0) {
-        return cx_fail(CX_ERR_BUSY, "cx_endpoint_destroy: %zu registration(s) still live",
-                       ep->num_regs);
+    pthread_mutex_lock(&ep->mu);
+    size_t regs = ep->num_regs, reqs = ep->num_requests;
+    if (regs == 0 && reqs == 0) {
+        ep->closing = true;
     }
+    pthread_mutex_unlock(&ep->mu);
+    if (regs > 0) {
+        return cx_fail(CX_ERR_BUSY, "cx_endpoint_destroy: %zu registration(s) still live", regs);
+    }
+    if (reqs > 0) {
+        return cx_fail(CX_ERR_BUSY,
+                       "cx_endpoint_destroy: %zu request(s) not yet reaped by cx_test/cx_wait",
+                       reqs);
+    }
+    cx_listener_stop(ep);
+    cx_peers_stop(ep); /* joins every progress thread: nothing touches ep after this */
+    pthread_cond_destroy(&ep->cv);
+    pthread_mutex_destroy(&ep->mu);
     free(ep->regs);
+    free(ep->accepted);
+    free(ep->remotes);
     free(ep);
     return cx_ok();
+}
+
+int cx_grow(void **items, size_t *cap, size_t need, size_t size) {
+    if (need <= *cap) {
+        return 0;
+    }
+    size_t grown = *cap == 0 ? 8 : *cap;
+    while (grown < need) {
+        grown *= 2;
+    }
+    void *p = realloc(*items, grown * size);
+    if (p == NULL) {
+        return -1;
+    }
+    *items = p;
+    *cap = grown;
+    return 0;
 }
 
 static int overlaps(const registration *r, uintptr_t addr, uint64_t length) {
@@ -93,37 +162,36 @@ static cx_status check_new_range(const cx_endpoint *ep, void *addr, uint64_t len
     return CX_OK;
 }
 
-cx_status cx_mem_register(cx_endpoint *ep, void *addr, uint64_t length, cx_mem_kind kind,
-                          cx_mem_handle *out) {
-    if (ep == NULL || out == NULL) {
-        return cx_fail(CX_ERR_INVALID_ARG, "cx_mem_register: ep and out must not be NULL");
-    }
+static cx_status add_registration(cx_endpoint *ep, void *addr, uint64_t length, cx_mem_kind kind,
+                                  cx_mem_handle *out) {
     cx_status st = check_new_range(ep, addr, length, kind);
     if (st != CX_OK) {
         return st;
     }
-    if (ep->num_regs == ep->cap_regs) {
-        size_t cap = ep->cap_regs == 0 ? 8 : ep->cap_regs * 2;
-        registration *grown = realloc(ep->regs, cap * sizeof *grown);
-        if (grown == NULL) {
-            return cx_fail(CX_ERR_NO_MEMORY, "cx_mem_register: out of memory");
-        }
-        ep->regs = grown;
-        ep->cap_regs = cap;
+    if (cx_grow((void **)&ep->regs, &ep->cap_regs, ep->num_regs + 1, sizeof *ep->regs) != 0) {
+        return cx_fail(CX_ERR_NO_MEMORY, "cx_mem_register: out of memory");
     }
     if (ep->next_handle == 0) {
         return cx_fail(CX_ERR_NO_MEMORY, "cx_mem_register: handle space exhausted");
     }
     registration *r = &ep->regs[ep->num_regs++];
-    r->handle = ep->next_handle++;
-    r->addr = (uintptr_t)addr;
-    r->length = length;
-    r->kind = kind;
+    *r = (registration){ep->next_handle++, (uintptr_t)addr, length, kind, 0};
     *out = r->handle;
     return cx_ok();
 }
 
-static registration *find(const cx_endpoint *ep, cx_mem_handle handle) {
+cx_status cx_mem_register(cx_endpoint *ep, void *addr, uint64_t length, cx_mem_kind kind,
+                          cx_mem_handle *out) {
+    if (ep == NULL || out == NULL) {
+        return cx_fail(CX_ERR_INVALID_ARG, "cx_mem_register: ep and out must not be NULL");
+    }
+    pthread_mutex_lock(&ep->mu);
+    cx_status st = add_registration(ep, addr, length, kind, out);
+    pthread_mutex_unlock(&ep->mu);
+    return st;
+}
+
+registration *cx_reg_find(cx_endpoint *ep, cx_mem_handle handle) {
     for (size_t i = 0; i < ep->num_regs; i++) {
         if (ep->regs[i].handle == handle) {
             return &ep->regs[i];
@@ -132,16 +200,50 @@ static registration *find(const cx_endpoint *ep, cx_mem_handle handle) {
     return NULL;
 }
 
+cx_status cx_reg_range(cx_endpoint *ep, cx_mem_handle handle, uint64_t offset, uint64_t length,
+                       registration **out) {
+    registration *r = cx_reg_find(ep, handle);
+    if (r == NULL) {
+        return cx_fail(CX_ERR_NOT_FOUND, "no registration %u", handle);
+    }
+    if (length == 0 || offset > r->length || length > r->length - offset) {
+        return cx_fail(CX_ERR_OUT_OF_RANGE,
+                       "range [%llu, +%llu) is outside registration %u of %llu bytes",
+                       (unsigned long long)offset, (unsigned long long)length, handle,
+                       (unsigned long long)r->length);
+    }
+    *out = r;
+    return CX_OK;
+}
+
+void cx_reg_unpin(cx_endpoint *ep, cx_mem_handle handle) {
+    registration *r = cx_reg_find(ep, handle);
+    if (r != NULL && r->pins > 0) {
+        r->pins--;
+    }
+}
+
+static cx_status remove_registration(cx_endpoint *ep, cx_mem_handle handle) {
+    registration *r = cx_reg_find(ep, handle);
+    if (r == NULL) {
+        return cx_fail(CX_ERR_NOT_FOUND, "cx_mem_deregister: no registration %u", handle);
+    }
+    if (r->pins > 0) {
+        return cx_fail(CX_ERR_BUSY, "cx_mem_deregister: registration %u is in use by %u transfer(s)",
+                       handle, r->pins);
+    }
+    *r = ep->regs[--ep->num_regs]; /* order does not matter: move the last one into the hole */
+    return cx_ok();
+}
+
 cx_status cx_mem_deregister(cx_endpoint *ep, cx_mem_handle handle) {
     if (ep == NULL) {
         return cx_fail(CX_ERR_INVALID_ARG, "cx_mem_deregister: ep must not be NULL");
     }
-    registration *r = find(ep, handle);
-    if (r == NULL) {
-        return cx_fail(CX_ERR_NOT_FOUND, "cx_mem_deregister: no registration %u", handle);
-    }
-    *r = ep->regs[--ep->num_regs]; /* order does not matter: move the last one into the hole */
-    return cx_ok();
+    pthread_mutex_lock(&ep->mu);
+    cx_status st = remove_registration(ep, handle);
+    pthread_mutex_unlock(&ep->mu);
+    return st;
 }
 
 cx_status cx_mem_query(const cx_endpoint *ep, cx_mem_handle handle, void **addr,
@@ -149,12 +251,17 @@ cx_status cx_mem_query(const cx_endpoint *ep, cx_mem_handle handle, void **addr,
     if (ep == NULL || addr == NULL || length == NULL) {
         return cx_fail(CX_ERR_INVALID_ARG, "cx_mem_query: arguments must not be NULL");
     }
-    const registration *r = find(ep, handle);
+    cx_endpoint *mut = (cx_endpoint *)ep; /* the lock is not part of the endpoint's value */
+    pthread_mutex_lock(&mut->mu);
+    const registration *r = cx_reg_find(mut, handle);
+    if (r != NULL) {
+        *addr = (void *)r->addr;
+        *length = r->length;
+    }
+    pthread_mutex_unlock(&mut->mu);
     if (r == NULL) {
         return cx_fail(CX_ERR_NOT_FOUND, "cx_mem_query: no registration %u", handle);
     }
-    *addr = (void *)r->addr;
-    *length = r->length;
     return cx_ok();
 }
 
@@ -162,52 +269,9 @@ cx_status cx_mem_count(const cx_endpoint *ep, size_t *count) {
     if (ep == NULL || count == NULL) {
         return cx_fail(CX_ERR_INVALID_ARG, "cx_mem_count: arguments must not be NULL");
     }
+    cx_endpoint *mut = (cx_endpoint *)ep;
+    pthread_mutex_lock(&mut->mu);
     *count = ep->num_regs;
+    pthread_mutex_unlock(&mut->mu);
     return cx_ok();
-}
-
-/* ---- network entry points: not built yet ---- */
-
-cx_status cx_endpoint_conn_id(cx_endpoint *ep, void *buf, size_t cap, size_t *len) {
-    (void)ep, (void)buf, (void)cap, (void)len;
-    return cx_not_built("cx_endpoint_conn_id");
-}
-
-cx_status cx_endpoint_connect(cx_endpoint *ep, const void *conn_id, size_t len,
-                              uint32_t timeout_ms, cx_peer *peer) {
-    (void)ep, (void)conn_id, (void)len, (void)timeout_ms, (void)peer;
-    return cx_not_built("cx_endpoint_connect");
-}
-
-cx_status cx_endpoint_accept(cx_endpoint *ep, uint32_t timeout_ms, cx_peer *peer) {
-    (void)ep, (void)timeout_ms, (void)peer;
-    return cx_not_built("cx_endpoint_accept");
-}
-
-cx_status cx_mem_export(cx_endpoint *ep, cx_mem_handle handle, void *buf, size_t cap,
-                        size_t *len) {
-    (void)ep, (void)handle, (void)buf, (void)cap, (void)len;
-    return cx_not_built("cx_mem_export");
-}
-
-cx_status cx_mem_import(cx_endpoint *ep, cx_peer peer, const void *desc, size_t len,
-                        cx_remote_handle *out) {
-    (void)ep, (void)peer, (void)desc, (void)len, (void)out;
-    return cx_not_built("cx_mem_import");
-}
-
-cx_status cx_post(cx_endpoint *ep, cx_peer peer, cx_op op, const cx_xfer *xfers, size_t n,
-                  cx_request *out) {
-    (void)ep, (void)peer, (void)op, (void)xfers, (void)n, (void)out;
-    return cx_not_built("cx_post");
-}
-
-cx_status cx_test(cx_endpoint *ep, cx_request request, int *done) {
-    (void)ep, (void)request, (void)done;
-    return cx_not_built("cx_test");
-}
-
-cx_status cx_wait(cx_endpoint *ep, cx_request request, uint32_t timeout_ms) {
-    (void)ep, (void)request, (void)timeout_ms;
-    return cx_not_built("cx_wait");
 }

@@ -1,6 +1,8 @@
-/* Version, status strings and the per-thread detail message. */
+/* Version, status strings, the per-thread detail message and deadline helpers. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -43,11 +45,24 @@ cx_status cx_ok(void) {
     return CX_OK;
 }
 
-cx_status cx_not_built(const char *function) {
-    return cx_fail(CX_ERR_UNSUPPORTED, "%s: the network transport is not built yet", function);
+int cx_backend_available(cx_backend backend) { return backend == CX_BACKEND_HOST_TCP; }
+
+struct timespec cx_deadline(uint32_t timeout_ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
 }
 
-int cx_backend_available(cx_backend backend) {
-    (void)backend;
-    return 0;
+int cx_cond_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint32_t timeout_ms,
+                 const struct timespec *deadline) {
+    if (timeout_ms == CX_TIMEOUT_INFINITE) {
+        return pthread_cond_wait(cv, mu);
+    }
+    return pthread_cond_timedwait(cv, mu, deadline);
 }

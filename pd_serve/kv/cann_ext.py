@@ -7,102 +7,84 @@ runs CMake). It is loaded on first use, so importing this module never fails.
 A paged KV cache here is a C-contiguous numpy array [num_layers, 2, num_blocks, *block_shape];
 its contiguous hand-off form is [num_layers, 2, len(block_ids), *block_shape], i.e. the bytes
 [layer0.K | layer0.V | layer1.K | ...] with each part the request's blocks in order.
+
+Endpoints move bytes between registered numpy arrays of two processes over the host TCP
+backend (real sockets; any host): see `Endpoint`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-LIB_ENV = "PD_SERVE_CANN_EXT_LIB"
-LIB_PATH = Path(__file__).resolve().parent / "_lib" / "libcann_ext.so"
-ABI_VERSION = 1  # must match CX_ABI_VERSION in cann_ext/include/cann_ext.h
+from pd_serve.kv._cx_lib import (
+    _I64P,
+    _SZ,
+    _VP,
+    ABI_VERSION,
+    LIB_ENV,
+    LIB_PATH,
+    STATUS_NAMES,
+    CannExtError,
+    _check,
+    _EndpointConfig,
+    _Layout,
+    _lib,
+)
+
+__all__ = [
+    "ABI_VERSION",
+    "LIB_ENV",
+    "LIB_PATH",
+    "STATUS_NAMES",
+    "CannExtError",
+    "Endpoint",
+    "Xfer",
+    "XFER_DTYPE",
+    "gather_blocks",
+    "make_xfers",
+    "scatter_blocks",
+    "version",
+]
 
 CX_OK = 0
 CX_ERR_UNSUPPORTED = 4
+TIMEOUT_INFINITE = 2**32 - 1  # CX_TIMEOUT_INFINITE
+OPS = {"send": 0, "recv": 1, "write": 2, "read": 3}  # cx_op
 _BACKEND_HOST_TCP = 0
 _MEM_HOST = 0
+_CONN_ID_MAX_BYTES = 4352
+_MEM_DESC_MAX_BYTES = 1024
 
 BlockIds = Sequence[int] | np.ndarray
 
 
-class CannExtError(RuntimeError):
-    """A cann_ext call failed; `status` is its cx_status code (CX_ERR_UNSUPPORTED: not built)."""
+class Xfer(NamedTuple):
+    """One byte range of a batch (cx_xfer); remote fields for WRITE/READ, tag for SEND/RECV."""
 
-    def __init__(self, function: str, status: int, detail: str) -> None:
-        super().__init__(f"{function} failed ({status}): {detail}")
-        self.status = status
-
-
-class _Layout(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in ("num_planes", "num_blocks", "block_bytes", "plane_stride", "block_stride")
-    ]
+    local: int
+    local_offset: int
+    length: int
+    remote: int = 0
+    remote_offset: int = 0
+    tag: int = 0
 
 
-class _EndpointConfig(ctypes.Structure):
-    _fields_ = [
-        ("backend", ctypes.c_int),
-        ("device_id", ctypes.c_int32),
-        ("bind_address", ctypes.c_char_p),
-        ("timeout_ms", ctypes.c_uint32),
-        ("max_inflight", ctypes.c_uint32),
-    ]
-
-
-_U64, _VP, _SZ = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
-_I64P = ctypes.POINTER(ctypes.c_int64)
-_BLOCK_ARGS = [_VP, _U64, ctypes.POINTER(_Layout), _I64P, _U64, _VP, _U64]
-_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
-    "cx_version": (ctypes.c_char_p, []),
-    "cx_abi_version": (ctypes.c_int, []),
-    "cx_status_string": (ctypes.c_char_p, [ctypes.c_int]),
-    "cx_last_error": (ctypes.c_char_p, []),
-    "cx_gather_blocks": (ctypes.c_int, _BLOCK_ARGS),
-    "cx_scatter_blocks": (ctypes.c_int, _BLOCK_ARGS),
-    "cx_endpoint_create": (ctypes.c_int, [ctypes.POINTER(_EndpointConfig), ctypes.POINTER(_VP)]),
-    "cx_endpoint_destroy": (ctypes.c_int, [_VP]),
-    "cx_endpoint_conn_id": (ctypes.c_int, [_VP, _VP, _SZ, ctypes.POINTER(_SZ)]),
-    "cx_mem_register": (
-        ctypes.c_int,
-        [_VP, _VP, _U64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32)],
-    ),
-    "cx_mem_deregister": (ctypes.c_int, [_VP, ctypes.c_uint32]),
-    "cx_mem_count": (ctypes.c_int, [_VP, ctypes.POINTER(_SZ)]),
-}
-
-
-@functools.cache
-def _lib() -> ctypes.CDLL:
-    path = Path(os.environ.get(LIB_ENV) or LIB_PATH)
-    if not path.is_file():
-        raise RuntimeError(
-            f"cann_ext library not found at {path}; build it with `pip install -e .` "
-            f"(runs CMake) or point {LIB_ENV} at a built libcann_ext.so"
-        )
-    lib = ctypes.CDLL(str(path))
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    if lib.cx_abi_version() != ABI_VERSION:
-        raise RuntimeError(
-            f"{path} has ABI {lib.cx_abi_version()}, this module needs {ABI_VERSION}: rebuild it"
-        )
-    return lib
-
-
-def _check(function: str, status: int) -> None:
-    if status != CX_OK:
-        lib = _lib()
-        detail = lib.cx_last_error().decode() or lib.cx_status_string(status).decode()
-        raise CannExtError(function, status, detail)
+# cx_xfer's C layout (u32 fields padded to 8 bytes): 48 bytes per entry.
+XFER_DTYPE = np.dtype(
+    [
+        ("local", "<u4"),
+        ("local_offset", "<u8"),
+        ("length", "<u8"),
+        ("remote", "<u4"),
+        ("remote_offset", "<u8"),
+        ("tag", "<u4"),
+    ],
+    align=True,
+)
 
 
 def version() -> str:
@@ -214,23 +196,89 @@ def scatter_blocks(cache: np.ndarray, block_ids: BlockIds, data: np.ndarray) -> 
     _check("cx_scatter_blocks", status)
 
 
+def _uint(name: str, value: object, bits: int = 64) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= int(value) < 2**bits:
+        raise ValueError(f"{name} = {value} is outside [0, 2**{bits})")
+    return int(value)
+
+
+def make_xfers(
+    local: int,
+    local_offsets: Any,
+    lengths: Any,
+    remote: int = 0,
+    remote_offsets: Any = 0,
+    tags: Any = 0,
+) -> np.ndarray:
+    """Builds a batch as an XFER_DTYPE array (broadcasting), the fast form `Endpoint.post` takes."""
+    cols = np.broadcast_arrays(
+        *(np.asarray(v, dtype=np.int64) for v in (local_offsets, lengths, remote_offsets, tags))
+    )
+    if any((c < 0).any() for c in cols):
+        raise ValueError("offsets, lengths and tags must be >= 0")
+    xfers = np.zeros(cols[0].size, dtype=XFER_DTYPE)  # [num_xfers]
+    xfers["local"], xfers["remote"] = _uint("local", local, 32), _uint("remote", remote, 32)
+    for name, col in zip(("local_offset", "length", "remote_offset", "tag"), cols):
+        xfers[name] = col.reshape(-1)
+    return xfers
+
+
+def _as_xfers(xfers: Sequence[Xfer | tuple[int, ...]] | np.ndarray) -> np.ndarray:
+    if isinstance(xfers, np.ndarray):
+        if xfers.dtype != XFER_DTYPE or xfers.ndim != 1 or not xfers.flags.c_contiguous:
+            raise ValueError("an xfers array must be 1-D, C-contiguous, of XFER_DTYPE")
+        out = xfers
+    else:
+        rows = []
+        for i, x in enumerate(xfers):
+            x = Xfer(*x)
+            bits = (32, 64, 64, 32, 64, 32)
+            rows.append(
+                tuple(_uint(f"xfers[{i}].{f}", v, b) for f, v, b in zip(x._fields, x, bits))
+            )
+        out = np.array(rows, dtype=XFER_DTYPE)  # [num_xfers]
+    if out.size == 0:
+        raise ValueError("a batch needs at least one transfer")
+    return out
+
+
 class Endpoint:
-    """A host-TCP transport endpoint; this build keeps registrations only (no transfers yet).
+    """A host-TCP transport endpoint: registered numpy arrays, peers, batched transfers.
 
     Lifecycle:
-    1. Endpoint() allocates it in C (no I/O).
-    2. register(array) records the array's memory and returns a handle; the endpoint holds a
-       reference to the array so it stays alive until deregister(handle).
-    3. conn_id() and the transfers raise CannExtError(status=CX_ERR_UNSUPPORTED): not built yet.
-    4. close() (or leaving a `with` block) deregisters what is left and frees the endpoint.
+    1. Endpoint(bind, timeout_ms) allocates it in C (no I/O); timeout_ms is the default for
+       connect/accept/wait and the blocking helpers.
+    2. register(array) records an array's memory and returns a handle; the endpoint holds a
+       reference so the memory stays alive until deregister(handle).
+    3. Listener: conn_id() starts listening (bytes to publish); accept() returns a peer.
+       Connector: connect(conn_id) returns a peer.
+    4. export(handle) -> bytes for the peer, which import_(peer, desc)s them -> a remote handle.
+    5. post(peer, op, xfers) -> request; test(request) / wait(request) finish it. read/write/
+       send/recv post one range and wait.
+    6. close() (or leaving a `with` block) deregisters what is left and frees the endpoint;
+       it raises CX_ERR_BUSY while requests are not finished.
+    Calls may come from several threads; wait/accept release the GIL while they block.
     """
 
-    def __init__(self) -> None:
-        lib = _lib()
-        config = _EndpointConfig(_BACKEND_HOST_TCP, -1, b"127.0.0.1:0", 10_000, 0)
+    def __init__(
+        self, bind: str = "127.0.0.1:0", timeout_ms: int = 10_000, max_inflight: int = 0
+    ) -> None:
+        if not isinstance(bind, str):
+            raise TypeError(f"bind must be a str like '127.0.0.1:0', got {type(bind).__name__}")
+        self.timeout_ms = _uint("timeout_ms", timeout_ms, 32)
+        config = _EndpointConfig(
+            _BACKEND_HOST_TCP,
+            -1,
+            bind.encode(),
+            self.timeout_ms,
+            _uint("max_inflight", max_inflight, 32),
+        )
         handle = _VP()
         _check(
-            "cx_endpoint_create", lib.cx_endpoint_create(ctypes.byref(config), ctypes.byref(handle))
+            "cx_endpoint_create",
+            _lib().cx_endpoint_create(ctypes.byref(config), ctypes.byref(handle)),
         )
         self._ep: int | None = handle.value
         self._arrays: dict[int, np.ndarray] = {}
@@ -240,10 +288,15 @@ class Endpoint:
             raise RuntimeError("endpoint is closed")
         return self._ep
 
+    def _timeout(self, timeout_ms: int | None) -> int:
+        return self.timeout_ms if timeout_ms is None else _uint("timeout_ms", timeout_ms, 32)
+
     def register(self, array: np.ndarray) -> int:
-        """Registers a C-contiguous, non-empty host array for transfers; returns its handle."""
+        """Registers a C-contiguous, non-empty host array (any dtype); returns its handle."""
         if not isinstance(array, np.ndarray) or not array.flags.c_contiguous or array.nbytes == 0:
             raise ValueError("register needs a non-empty C-contiguous numpy array")
+        if array.dtype.hasobject:
+            raise ValueError("register needs an array of plain numbers, not Python objects")
         handle = ctypes.c_uint32()
         _check(
             "cx_mem_register",
@@ -256,7 +309,10 @@ class Endpoint:
 
     def deregister(self, handle: int) -> None:
         """Forgets a registration and drops the endpoint's reference to its array."""
-        _check("cx_mem_deregister", _lib().cx_mem_deregister(self._handle(), handle))
+        _check(
+            "cx_mem_deregister",
+            _lib().cx_mem_deregister(self._handle(), _uint("handle", handle, 32)),
+        )
         del self._arrays[handle]
 
     @property
@@ -267,8 +323,8 @@ class Endpoint:
         return count.value
 
     def conn_id(self) -> bytes:
-        """The connection id blob to publish to peers (raises: not built yet)."""
-        buf = ctypes.create_string_buffer(4352)  # CX_CONN_ID_MAX_BYTES
+        """Starts listening (first call) and returns the connection id blob to publish."""
+        buf = ctypes.create_string_buffer(_CONN_ID_MAX_BYTES)
         length = _SZ()
         _check(
             "cx_endpoint_conn_id",
@@ -276,8 +332,141 @@ class Endpoint:
         )
         return buf.raw[: length.value]
 
+    def connect(self, conn_id: bytes, timeout_ms: int | None = None) -> int:
+        """Connects to the endpoint that published `conn_id`; returns the peer."""
+        if not isinstance(conn_id, bytes) or not conn_id:
+            raise TypeError("conn_id must be the non-empty bytes that conn_id() returned")
+        peer = ctypes.c_uint32()
+        status = _lib().cx_endpoint_connect(
+            self._handle(), conn_id, len(conn_id), self._timeout(timeout_ms), ctypes.byref(peer)
+        )
+        _check("cx_endpoint_connect", status)
+        return peer.value
+
+    def accept(self, timeout_ms: int | None = None) -> int:
+        """Returns the next peer that connected (call conn_id() first)."""
+        peer = ctypes.c_uint32()
+        status = _lib().cx_endpoint_accept(
+            self._handle(), self._timeout(timeout_ms), ctypes.byref(peer)
+        )
+        _check("cx_endpoint_accept", status)
+        return peer.value
+
+    def export(self, handle: int) -> bytes:
+        """A descriptor of registration `handle` for a peer's import_ (one-sided READ/WRITE)."""
+        buf = ctypes.create_string_buffer(_MEM_DESC_MAX_BYTES)
+        length = _SZ()
+        status = _lib().cx_mem_export(
+            self._handle(), _uint("handle", handle, 32), buf, len(buf), ctypes.byref(length)
+        )
+        _check("cx_mem_export", status)
+        return buf.raw[: length.value]
+
+    def import_(self, peer: int, desc: bytes) -> int:
+        """Imports a peer's exported descriptor; returns the remote handle for transfers."""
+        if not isinstance(desc, bytes) or not desc:
+            raise TypeError("desc must be the non-empty bytes that the peer's export() returned")
+        remote = ctypes.c_uint32()
+        status = _lib().cx_mem_import(
+            self._handle(), _uint("peer", peer, 32), desc, len(desc), ctypes.byref(remote)
+        )
+        _check("cx_mem_import", status)
+        return remote.value
+
+    def post(self, peer: int, op: str, xfers: Sequence[Xfer | tuple[int, ...]] | np.ndarray) -> int:
+        """Posts a batch of one op ("send", "recv", "write", "read") to a peer; returns at once.
+
+        `xfers` is a list of Xfer (or tuples in its field order) or an XFER_DTYPE array
+        (make_xfers). The C side checks every range before anything moves.
+        """
+        if op not in OPS:
+            raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}")
+        batch = _as_xfers(xfers)
+        request = ctypes.c_uint64()
+        status = _lib().cx_post(
+            self._handle(),
+            _uint("peer", peer, 32),
+            OPS[op],
+            batch.ctypes.data,
+            batch.size,
+            ctypes.byref(request),
+        )
+        _check("cx_post", status)
+        return request.value
+
+    def test(self, request: int) -> bool:
+        """True once the request finished (it is then freed); raises if it failed."""
+        done = ctypes.c_int()
+        status = _lib().cx_test(self._handle(), _uint("request", request), ctypes.byref(done))
+        _check("cx_test", status)
+        return bool(done.value)
+
+    def wait(self, request: int, timeout_ms: int | None = None) -> None:
+        """Blocks until the request finishes; CX_ERR_TIMEOUT leaves it live for another wait."""
+        status = _lib().cx_wait(
+            self._handle(), _uint("request", request), self._timeout(timeout_ms)
+        )
+        _check("cx_wait", status)
+
+    def _one(self, peer: int, op: str, xfer: Xfer, timeout_ms: int | None) -> None:
+        self.wait(self.post(peer, op, [xfer]), timeout_ms)
+
+    def read(
+        self,
+        peer: int,
+        local: int,
+        local_offset: int,
+        remote: int,
+        remote_offset: int,
+        length: int,
+        timeout_ms: int | None = None,
+    ) -> None:
+        """Copies `length` bytes of an imported remote region into a local one; blocks."""
+        self._one(
+            peer, "read", Xfer(local, local_offset, length, remote, remote_offset), timeout_ms
+        )
+
+    def write(
+        self,
+        peer: int,
+        local: int,
+        local_offset: int,
+        remote: int,
+        remote_offset: int,
+        length: int,
+        timeout_ms: int | None = None,
+    ) -> None:
+        """Copies `length` bytes of a local region into an imported remote one; blocks."""
+        self._one(
+            peer, "write", Xfer(local, local_offset, length, remote, remote_offset), timeout_ms
+        )
+
+    def send(
+        self,
+        peer: int,
+        local: int,
+        offset: int,
+        length: int,
+        tag: int,
+        timeout_ms: int | None = None,
+    ) -> None:
+        """Sends a local range to the peer's recv with the same tag; blocks until it is sent."""
+        self._one(peer, "send", Xfer(local, offset, length, tag=tag), timeout_ms)
+
+    def recv(
+        self,
+        peer: int,
+        local: int,
+        offset: int,
+        length: int,
+        tag: int,
+        timeout_ms: int | None = None,
+    ) -> None:
+        """Receives the peer's send with the same tag (same length) into a local range; blocks."""
+        self._one(peer, "recv", Xfer(local, offset, length, tag=tag), timeout_ms)
+
     def close(self) -> None:
-        """Deregisters every remaining array and frees the endpoint; closing twice is a no-op."""
+        """Deregisters every remaining array, closes peers and frees the endpoint (idempotent)."""
         if self._ep is None:
             return
         for handle in list(self._arrays):
