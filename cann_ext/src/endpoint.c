@@ -7,6 +7,7 @@
  *   3. cx_mem_deregister forgets it (CX_ERR_BUSY while pinned); cx_endpoint_destroy refuses
  *      while any remain.
  */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -175,7 +176,7 @@ static cx_status add_registration(cx_endpoint *ep, void *addr, uint64_t length, 
         return cx_fail(CX_ERR_NO_MEMORY, "cx_mem_register: handle space exhausted");
     }
     registration *r = &ep->regs[ep->num_regs++];
-    *r = (registration){ep->next_handle++, (uintptr_t)addr, length, kind, 0};
+    *r = (registration){ep->next_handle++, (uintptr_t)addr, length, kind, 0, 0};
     *out = r->handle;
     return cx_ok();
 }
@@ -216,10 +217,11 @@ cx_status cx_reg_range(cx_endpoint *ep, cx_mem_handle handle, uint64_t offset, u
     return CX_OK;
 }
 
-void cx_reg_unpin(cx_endpoint *ep, cx_mem_handle handle) {
+void cx_reg_unpin(cx_endpoint *ep, cx_mem_handle handle, bool serving) {
     registration *r = cx_reg_find(ep, handle);
-    if (r != NULL && r->pins > 0) {
-        r->pins--;
+    uint32_t *count = r == NULL ? NULL : serving ? &r->serving : &r->pins;
+    if (count != NULL && *count > 0 && --*count == 0 && serving) {
+        pthread_cond_broadcast(&ep->cv);
     }
 }
 
@@ -229,8 +231,21 @@ static cx_status remove_registration(cx_endpoint *ep, cx_mem_handle handle) {
         return cx_fail(CX_ERR_NOT_FOUND, "cx_mem_deregister: no registration %u", handle);
     }
     if (r->pins > 0) {
-        return cx_fail(CX_ERR_BUSY, "cx_mem_deregister: registration %u is in use by %u transfer(s)",
-                       handle, r->pins);
+        return cx_fail(CX_ERR_BUSY, "cx_mem_deregister: registration %u is in use by %u posted "
+                       "transfer(s)", handle, r->pins);
+    }
+    /* A peer may finish reading our bytes (its op done) a moment before our sender thread
+     * lets go of them: wait for that, up to the endpoint timeout. */
+    struct timespec deadline = cx_deadline(ep->timeout_ms);
+    while (r != NULL && r->serving > 0) {
+        if (cx_cond_wait(&ep->cv, &ep->mu, ep->timeout_ms, &deadline) == ETIMEDOUT) {
+            return cx_fail(CX_ERR_BUSY, "cx_mem_deregister: registration %u is still being "
+                           "served to a peer after %u ms", handle, ep->timeout_ms);
+        }
+        r = cx_reg_find(ep, handle); /* the array may have moved while we slept */
+    }
+    if (r == NULL) {
+        return cx_fail(CX_ERR_NOT_FOUND, "cx_mem_deregister: no registration %u", handle);
     }
     *r = ep->regs[--ep->num_regs]; /* order does not matter: move the last one into the hole */
     return cx_ok();

@@ -32,7 +32,8 @@ typedef struct registration {
     uintptr_t addr;
     uint64_t length;
     cx_mem_kind kind;
-    uint32_t pins; /* transfers touching it right now; deregister is BUSY while > 0 */
+    uint32_t pins;    /* our posted ops on it: deregister is BUSY while > 0 */
+    uint32_t serving; /* a peer's READ/WRITE moving its bytes now: deregister waits for 0 */
 } registration;
 
 /* An imported peer registration (cx_mem_import). */
@@ -149,7 +150,8 @@ registration *cx_reg_find(cx_endpoint *ep, cx_mem_handle handle);
 /* Checks [offset, offset + length) against a live registration; sets the detail on failure. */
 cx_status cx_reg_range(cx_endpoint *ep, cx_mem_handle handle, uint64_t offset, uint64_t length,
                        registration **out);
-void cx_reg_unpin(cx_endpoint *ep, cx_mem_handle handle);
+/* Drops one pin (serving: a peer's op, which may wake a waiting cx_mem_deregister). */
+void cx_reg_unpin(cx_endpoint *ep, cx_mem_handle handle, bool serving);
 
 /* ---- remote.c (ep->mu held) ---- */
 remote_region *cx_remote_find(cx_endpoint *ep, cx_remote_handle handle);

@@ -63,7 +63,7 @@ static void teardown(peer *p) {
         tx_item *item = p->tx_head;
         p->tx_head = item->next;
         if (item->unpin != 0) {
-            cx_reg_unpin(ep, item->unpin);
+            cx_reg_unpin(ep, item->unpin, true);
         }
         if (item->owned) {
             free(item);
@@ -114,7 +114,7 @@ static void finish_batch(cx_endpoint *ep, tx_item **after, int num_after, bool s
     for (int k = 0; k < num_after; k++) {
         tx_item *item = after[k];
         if (item->unpin != 0) {
-            cx_reg_unpin(ep, item->unpin);
+            cx_reg_unpin(ep, item->unpin, true);
         }
         if (sent && item->done_req != NULL) {
             cx_op_complete(ep, item->done_req, item->done_index, CX_OK, NULL);

@@ -58,7 +58,7 @@ static int serve_read(peer *p, const wire_hdr *h, char *why, size_t cap) {
     const uint8_t *src = st == CX_OK ? (const uint8_t *)r->addr + h->offset : NULL;
     int rc = answer(p, &resp, src, src ? h->handle : 0);
     if (rc == 0 && src != NULL) {
-        r->pins++; /* until the sender thread has sent the bytes */
+        r->serving++; /* until the sender thread has sent the bytes */
     }
     pthread_mutex_unlock(&ep->mu);
     if (rc != 0) {
@@ -74,7 +74,7 @@ static int serve_write(peer *p, const wire_hdr *h, char *why, size_t cap) {
     cx_status st = cx_reg_range(ep, h->handle, h->offset, h->length, &r);
     uint8_t *dst = NULL;
     if (st == CX_OK) {
-        r->pins++;
+        r->serving++;
         dst = (uint8_t *)r->addr + h->offset;
     }
     pthread_mutex_unlock(&ep->mu);
@@ -83,7 +83,7 @@ static int serve_write(peer *p, const wire_hdr *h, char *why, size_t cap) {
                        : cx_recv_drop(p->fd, h->length, &err); /* refused: stay framed */
     pthread_mutex_lock(&ep->mu);
     if (dst != NULL) {
-        cx_reg_unpin(ep, h->handle);
+        cx_reg_unpin(ep, h->handle, true);
     }
     int rc = 0;
     if (got < h->length) {

@@ -63,7 +63,7 @@ void cx_op_complete(cx_endpoint *ep, request *req, uint32_t index, cx_status sta
         return;
     }
     req->op_done[index] = 1;
-    cx_reg_unpin(ep, req->xfers[index].local);
+    cx_reg_unpin(ep, req->xfers[index].local, false);
     if (status != CX_OK && req->status == CX_OK) {
         req->status = status;
         snprintf(req->detail, sizeof req->detail, "%s", detail ? detail : "");
