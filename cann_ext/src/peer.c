@@ -87,14 +87,18 @@ void cx_peer_exit(peer *p, const char *why) {
     pthread_mutex_unlock(&p->ep->mu);
 }
 
-/* Pops up to TX_BATCH messages into iov; `after` gets those needing work once sent. */
-static int take_batch(peer *p, struct iovec *iov, tx_item **after, int *num_after) {
+/* Pops up to TX_BATCH messages into iov; `after` gets those needing work once sent. Headers
+ * are copied into `hdrs`: a request-owned item may be freed as soon as the peer answered,
+ * which can happen before sendmsg() returns to us. */
+static int take_batch(peer *p, struct iovec *iov, uint8_t (*hdrs)[CX_WIRE_HDR_BYTES],
+                      tx_item **after, int *num_after) {
     int n = 0;
     *num_after = 0;
     for (int k = 0; k < TX_BATCH && p->tx_head != NULL; k++) {
         tx_item *item = p->tx_head;
         p->tx_head = item->next;
-        iov[n++] = (struct iovec){item->hdr, CX_WIRE_HDR_BYTES};
+        memcpy(hdrs[k], item->hdr, CX_WIRE_HDR_BYTES);
+        iov[n++] = (struct iovec){hdrs[k], CX_WIRE_HDR_BYTES};
         if (item->payload_len > 0) {
             iov[n++] = (struct iovec){(void *)item->payload, (size_t)item->payload_len};
         }
@@ -129,6 +133,7 @@ static void *tx_main(void *arg) {
     peer *p = arg;
     cx_endpoint *ep = p->ep;
     struct iovec iov[2 * TX_BATCH];
+    uint8_t hdrs[TX_BATCH][CX_WIRE_HDR_BYTES];
     tx_item *after[TX_BATCH];
     char why[CX_DETAIL_BYTES] = "sender stopped";
     pthread_mutex_lock(&ep->mu);
@@ -140,7 +145,7 @@ static void *tx_main(void *arg) {
             break;
         }
         int num_after = 0;
-        int n = take_batch(p, iov, after, &num_after);
+        int n = take_batch(p, iov, hdrs, after, &num_after);
         pthread_mutex_unlock(&ep->mu);
         int err = cx_send_iov(p->fd, iov, n);
         pthread_mutex_lock(&ep->mu);
