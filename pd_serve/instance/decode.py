@@ -4,8 +4,9 @@ them with continuous batching and streams the remaining deltas to whoever attach
 Lifecycle of one hand-off (who frees what):
 1. `accept()` validates it and queues it with a `_Stream` (buffered events, attach deadline);
 2. the retrieval loop reserves blocks for the queue head (`reserve_handoff`; None means wait for
-   a finished request) and starts `_retrieve`, which fetches the KV on a worker thread, so
-   running decode steps never wait on the network;
+   a finished request) and starts `_retrieve`, which reads the KV on a worker thread, so
+   running decode steps never wait on the network, then scatters it into the reserved blocks
+   with one short call on the engine thread (runners are not thread-safe);
 3. fetched: prefill is told (HandoffDone ok) and frees its slot; `add_prefilled` turns the
    reservation into a running request whose outputs are buffered as `delta` events;
 4. the request ends by finishing, by its consumer leaving, by `abort()`, or because nobody
@@ -113,8 +114,12 @@ class DecodeRole:
         rid = msg.request_id
         try:
             async with self._fetch_lock:  # one staging buffer: fetches take turns
-                await asyncio.to_thread(self.rt.receiver.fetch, source, table, self.rt.runner,
-                                        self.pd.handoff_mode, self.pd.fetch_timeout_s)
+                kv = await asyncio.to_thread(self.rt.receiver.read, source, table,
+                                             self.pd.handoff_mode, self.pd.fetch_timeout_s)
+                # RecvScatter on the engine thread: runners are not thread-safe, and `kv` is a
+                # view of the staging buffer, so the write finishes before the lock is let go.
+                runner = self.rt.runner
+                await self.rt.engine.call(lambda _e: runner.write_kv(table, kv))
         except Exception as exc:  # noqa: BLE001 - HandoffError and transport failures
             await self._cancel_reservation(rid)
             await self._fail(msg, f"KV fetch failed: {exc}")
