@@ -5,8 +5,14 @@ side) connects and READs it into its own registered buffer, timing post -> wait 
   contiguous   one READ of the whole request's KV ([layers, 2, tokens, heads, dim] bytes);
   per_layer    one READ per layer (its K and V are adjacent in the contiguous form);
   block_fixed  one READ per block per layer per K/V, from and to shuffled block ids of paged
-               caches [layers, 2, num_blocks, block_size, heads, dim] (no gather/scatter).
-All READs of a case go in one batched cx_post. Reports the median of --repeats runs.
+               caches [layers, 2, num_blocks, block_size, heads, dim] (no gather/scatter);
+  block_fixed_sync  the same READs, each posted and waited for before the next: one
+               sender/receiver confirmation round trip per block, the per-block cost the
+               paper attributes to block-fixed transfer.
+All READs of the other cases go in one batched cx_post (pipelined). Reports the median of
+--repeats runs. block_fixed_sync times only the first --sync-max-reads READs of a case when
+it has more, and extrapolates linearly to all of them (`extrapolated_from` in the JSON, `~`
+in the table).
 
 Usage: python tools/bench_transport.py [--tokens 512 2048 8192] [--repeats 5] [--out x.json]
 """
@@ -61,6 +67,7 @@ class Result:
     bytes: int
     median_s: float
     gb_per_s: float
+    extrapolated_from: int | None = None  # READs actually timed (block_fixed_sync prefix)
 
 
 def serve(conn: mp.connection.Connection, nbytes: int) -> None:
@@ -97,6 +104,7 @@ def case_reads(
 def time_case(
     ep: Endpoint, peer: int, local: int, remote: int, reads: tuple, repeats: int
 ) -> float:
+    """Median seconds of one batched post -> wait of every READ of the case."""
     batch = make_xfers(local, reads[0], reads[2], remote, reads[1])
     times = []
     for _ in range(repeats + 1):  # the first run warms the socket windows
@@ -104,6 +112,39 @@ def time_case(
         ep.wait(ep.post(peer, "read", batch))
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
+
+
+def time_sync_case(
+    ep: Endpoint, peer: int, local: int, remote: int, reads: tuple, repeats: int
+) -> float:
+    """Median seconds of posting and waiting for each READ of the case in turn."""
+    batch = make_xfers(local, reads[0], reads[2], remote, reads[1])  # [num_reads]
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for i in range(batch.size):
+            ep.wait(ep.post(peer, "read", batch[i:i + 1]))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def measure(ep: Endpoint, peer: int, local: int, remote: int, shape: KVShape, tokens: int,
+            mode: str, block: int | None, args: argparse.Namespace,
+            rng: np.random.Generator) -> Result:
+    """Times one case; a block_fixed_sync case over --sync-max-reads READs is extrapolated."""
+    reads = case_reads(shape, tokens, mode.removesuffix("_sync"), block or 1, rng)
+    total, num_reads = int(reads[2].sum()), int(reads[2].size)
+    timed = None
+    if mode != "block_fixed_sync":
+        secs = time_case(ep, peer, local, remote, reads, args.repeats)
+    else:
+        if num_reads > args.sync_max_reads:
+            timed = args.sync_max_reads
+            reads = tuple(r[:timed] for r in reads)
+        secs = time_sync_case(ep, peer, local, remote, reads, args.repeats)
+        secs *= num_reads / (timed or num_reads)  # equal-sized READs: time scales with count
+    return Result(shape.name, tokens, mode, block, num_reads, total, secs, total / secs / 1e9,
+                  timed)
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -121,26 +162,14 @@ def run(args: argparse.Namespace) -> list[Result]:
             remote = ep.import_(peer, desc)
             local = ep.register(np.zeros(nbytes, dtype=np.uint8))
             rng = np.random.default_rng(0)
+            cases = [("contiguous", None), ("per_layer", None)]
+            for block in args.block_sizes:
+                cases += [("block_fixed", block), ("block_fixed_sync", block)]
             for shape in MODELS:
                 for tokens in args.tokens:
-                    cases = [("contiguous", None), ("per_layer", None)]
-                    cases += [("block_fixed", b) for b in args.block_sizes]
                     for mode, block in cases:
-                        reads = case_reads(shape, tokens, mode, block or 1, rng)
-                        secs = time_case(ep, peer, local, remote, reads, args.repeats)
-                        total = int(reads[2].sum())
-                        results.append(
-                            Result(
-                                shape.name,
-                                tokens,
-                                mode,
-                                block,
-                                int(reads[2].size),
-                                total,
-                                secs,
-                                total / secs / 1e9,
-                            )
-                        )
+                        results.append(measure(ep, peer, local, remote, shape, tokens, mode,
+                                               block, args, rng))
                         print(format_row(results[-1]), flush=True)
     finally:
         parent.send("stop")
@@ -150,9 +179,12 @@ def run(args: argparse.Namespace) -> list[Result]:
 
 def format_row(r: Result) -> str:
     mode = r.mode if r.block_size is None else f"{r.mode}/{r.block_size}"
+    approx = "" if r.extrapolated_from is None else "~"
+    reads = f"{r.num_reads}" if r.extrapolated_from is None else (
+        f"{r.num_reads} (timed {r.extrapolated_from})")
     return (
-        f"| {r.model} | {r.tokens} | {mode} | {r.num_reads} | {r.bytes / 2**20:.1f} MiB "
-        f"| {r.median_s * 1e3:.2f} ms | {r.gb_per_s:.2f} |"
+        f"| {r.model} | {r.tokens} | {mode} | {reads} | {r.bytes / 2**20:.1f} MiB "
+        f"| {approx}{r.median_s * 1e3:.2f} ms | {approx}{r.gb_per_s:.2f} |"
     )
 
 
@@ -161,6 +193,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sync-max-reads", type=int, default=8192,
+                        help="block_fixed_sync: time at most this many READs, extrapolate")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     print("| model | tokens | mode | READs | bytes | median | GB/s |")
@@ -172,6 +206,7 @@ def main() -> None:
             "machine": platform.platform(),
             "cpus": mp.cpu_count(),
             "repeats": args.repeats,
+            "sync_max_reads": args.sync_max_reads,
         }
         args.out.write_text(
             json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1)
