@@ -140,7 +140,7 @@ def measure(ep: Endpoint, peer: int, local: int, remote: int, shape: KVShape, to
     else:
         if num_reads > args.sync_max_reads:
             timed = args.sync_max_reads
-            reads = tuple(r[:timed] for r in reads)
+            reads = (reads[0][:timed], reads[1][:timed], reads[2][:timed])
         secs = time_sync_case(ep, peer, local, remote, reads, args.repeats)
         secs *= num_reads / (timed or num_reads)  # equal-sized READs: time scales with count
     return Result(shape.name, tokens, mode, block, num_reads, total, secs, total / secs / 1e9,
