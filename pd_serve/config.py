@@ -105,18 +105,25 @@ class PDConfig:
     attach_timeout_s: float = 30.0  # decode aborts a request nobody streams
     forward_deadline_s: float = 30.0  # front end: retry rejected requests until then (503)
     retry_interval_s: float = 0.02  # front end: pause after every prefill rejected
+    peer_probe_interval_s: float = 0.5  # prefill: GET /health of decode peers it waits on
+    peer_probe_timeout_s: float = 2.0  # prefill: one probe slower than this is a failure
+    peer_probe_failures: int = 2  # prefill: consecutive failures that mark a decode peer dead
+    fetch_delay_s: float = 0.0  # test only: decode waits this long before each KV fetch
 
     def __post_init__(self) -> None:
-        for name in ("num_prefill", "num_decode", "b_p"):
+        for name in ("num_prefill", "num_decode", "b_p", "peer_probe_failures"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
         if self.handoff_mode not in HANDOFF_MODES:
             raise ValueError(f"pd.handoff_mode must be one of {HANDOFF_MODES}, "
                              f"got {self.handoff_mode!r}")
         for name in ("handoff_timeout_s", "fetch_timeout_s", "attach_timeout_s",
-                     "forward_deadline_s", "retry_interval_s"):
+                     "forward_deadline_s", "retry_interval_s", "peer_probe_interval_s",
+                     "peer_probe_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
+        if self.fetch_delay_s < 0:
+            raise ValueError(f"pd.fetch_delay_s must be >= 0, got {self.fetch_delay_s}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""Pure policies of an instance: prefill batch slots (accept or reject, never queue) and the
-choice of a decode peer (fewest hand-offs in flight first).
+"""Pure policies of an instance: prefill batch slots (accept or reject, never queue), the
+choice of a decode peer (fewest hand-offs in flight first, dead peers never) and the liveness of
+decode peers from probe results (state + clock in, decisions out; no I/O, so a simulator can
+drive it with its own clock).
 
 SlotPool lifecycle: `acquire()` returns a free slot index or None (the caller answers 429);
 the holder calls `release(slot)` exactly once, when the slot's hand-off is done, failed or timed
@@ -8,7 +10,8 @@ out. Releasing a free slot is an error (a double free is a bug, not a no-op).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 
 class SlotPool:
@@ -37,3 +40,74 @@ def rank_decode_peers(peers: Sequence[str], in_flight: Mapping[str, int]) -> lis
     """Peers ordered by hand-offs in flight, ties in the configured order."""
     order = {p: i for i, p in enumerate(peers)}
     return sorted(peers, key=lambda p: (in_flight.get(p, 0), order[p]))
+
+
+@dataclass
+class _PeerState:
+    failures: int = 0  # consecutive
+    dead: bool = False
+    last_probe: float = float("-inf")
+
+
+class PeerHealth:
+    """Liveness of decode peers, decided from probe (or request) outcomes.
+
+    Lifecycle of one peer:
+    1. unknown peers are alive; `take_due(watched, now)` names the peers to probe now: those the
+       caller waits on (pending hand-offs), suspects (a recent failure) and dead ones, each at
+       most once per `interval_s`;
+    2. `record(peer, ok)` after each probe: `failures_to_dead` consecutive failures turn it dead
+       (returns "dead" once: the caller frees what it handed to that peer), a success resets
+       the count and revives a dead peer (returns "alive" once);
+    3. `alive(peers)` filters dead ones out of selection; `forget(keep)` drops removed peers.
+    """
+
+    def __init__(self, failures_to_dead: int, interval_s: float) -> None:
+        if failures_to_dead <= 0 or interval_s <= 0:
+            raise ValueError("failures_to_dead and interval_s must be positive")
+        self.failures_to_dead = failures_to_dead
+        self.interval_s = interval_s
+        self._peers: dict[str, _PeerState] = {}
+
+    def take_due(self, watched: Iterable[str], now: float) -> list[str]:
+        """Peers to probe at `now` (marked probed); in first-seen order."""
+        wanted = dict.fromkeys(watched)
+        wanted.update((p, None) for p, s in self._peers.items() if s.dead or s.failures)
+        due = []
+        for peer in wanted:
+            state = self._peers.setdefault(peer, _PeerState())
+            if now - state.last_probe >= self.interval_s:
+                state.last_probe = now
+                due.append(peer)
+        return due
+
+    def record(self, peer: str, ok: bool) -> str | None:
+        """One outcome; "dead" or "alive" when the peer's state flips, else None."""
+        state = self._peers.setdefault(peer, _PeerState())
+        if ok:
+            state.failures = 0
+            if state.dead:
+                state.dead = False
+                return "alive"
+            return None
+        state.failures += 1
+        if not state.dead and state.failures >= self.failures_to_dead:
+            state.dead = True
+            return "dead"
+        return None
+
+    def is_dead(self, peer: str) -> bool:
+        state = self._peers.get(peer)
+        return state is not None and state.dead
+
+    def alive(self, peers: Sequence[str]) -> list[str]:
+        return [p for p in peers if not self.is_dead(p)]
+
+    def dead(self) -> list[str]:
+        return [p for p, s in self._peers.items() if s.dead]
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drops the state of peers not in `keep` (removed from the configured peers)."""
+        kept = set(keep)
+        for peer in [p for p in self._peers if p not in kept]:
+            del self._peers[peer]

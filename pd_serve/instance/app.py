@@ -72,7 +72,7 @@ class Instance:
                 self.role = msg.role
             self.group = msg.group
             if self.prefill is not None:
-                self.prefill.peers = [p.rstrip("/") for p in msg.decode_peers]
+                self.prefill.set_peers([p.rstrip("/") for p in msg.decode_peers])
             return {"role": self.role, "group": self.group, "decode_peers": msg.decode_peers}
 
     async def close(self) -> None:

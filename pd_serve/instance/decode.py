@@ -113,6 +113,8 @@ class DecodeRole:
     async def _retrieve(self, msg: HandoffRequest, source: Any, table: Any) -> None:
         rid = msg.request_id
         try:
+            if self.pd.fetch_delay_s:  # fault-injection tests: a hand-off that stays pending
+                await asyncio.sleep(self.pd.fetch_delay_s)
             async with self._fetch_lock:  # one staging buffer: fetches take turns
                 kv = await asyncio.to_thread(self.rt.receiver.read, source, table,
                                              self.pd.handoff_mode, self.pd.fetch_timeout_s)

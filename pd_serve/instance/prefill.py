@@ -7,7 +7,10 @@ Lifecycle of one request (who frees what):
 3. otherwise the parked request's blocks are staged into the slot's buffer (KVSender) and
    released in the engine at once (`release_handoff`); the buffer and slot stay held;
 4. decode accepts the hand-off (`handoff` event, stream ends) and later POSTs HandoffDone, or the
-   hand-off timeout passes: then `sender.release(slot)` and the slot returns to the pool.
+   decode peer is declared dead by the PeerWatch probes, or the hand-off timeout passes: then
+   `sender.release(slot)` and the slot returns to the pool.
+A decode peer that refuses the hand-off (no connection, any non-202) is skipped for the next one;
+dead peers are not offered hand-offs until they answer /health again.
 Any failure or client disconnect before step 4 frees blocks, buffer and slot the same way.
 Frees are ordered behind the stage by running them as engine-thread calls.
 """
@@ -37,6 +40,7 @@ from pd_serve.instance.messages import (
     PrefillRequest,
     sse,
 )
+from pd_serve.instance.peer_watch import PeerWatch
 from pd_serve.instance.runtime import Runtime, source_to_json
 
 log = logging.getLogger(__name__)
@@ -63,14 +67,23 @@ class PrefillRole:
         self._sweeper: asyncio.Task[None] | None = None
         self.rejected = 0
         self.timed_out = 0
+        self.lost_to_dead_peers = 0
+        self.watch = PeerWatch(pd, lambda: {p.peer for p in self._pending.values()},
+                               self._peer_lost)
 
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self.watch.start()
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self.watch.stop()
         await self._http.aclose()
+
+    def set_peers(self, peers: list[str]) -> None:
+        self.peers = list(peers)
+        self.watch.health.forget([*peers, *(p.peer for p in self._pending.values())])
 
     def admit(self) -> int:
         slot = self.slots.acquire()
@@ -128,12 +141,13 @@ class PrefillRole:
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
             first_token_id=first_token_id, sampling=req.sampling,
             source=source_to_json(source), prefill_url=self.self_url).model_dump_json()
-        reasons = []
-        for peer in rank_decode_peers(self.peers, self.in_flight):
+        reasons = [f"{peer}: dead" for peer in self.watch.health.dead() if peer in self.peers]
+        for peer in rank_decode_peers(self.watch.alive(self.peers), self.in_flight):
             try:
                 r = await self._http.post(f"{peer}/internal/handoff", content=body,
                                           headers={"content-type": "application/json"})
             except httpx.HTTPError as exc:
+                self.watch.failed(peer)
                 reasons.append(f"{peer}: {type(exc).__name__}")
                 continue
             if r.status_code == 202:
@@ -155,6 +169,16 @@ class PrefillRole:
     def _settle(self, rid: str, pending: _Pending) -> None:
         self.in_flight[pending.peer] = max(0, self.in_flight.get(pending.peer, 0) - 1)
         self._spawn(self._free(pending.slot, None))
+
+    def _peer_lost(self, peer: str) -> None:
+        """The watch declared `peer` dead: every slot handed to it is freed now."""
+        lost = [rid for rid, pending in self._pending.items() if pending.peer == peer]
+        for rid in lost:
+            self._settle(rid, self._pending.pop(rid))
+        self.lost_to_dead_peers += len(lost)
+        if lost:
+            log.warning("decode peer %s died with %d hand-off(s) pending; their slots are freed: "
+                        "%s", peer, len(lost), ", ".join(lost))
 
     async def _free(self, slot: int, parked_rid: str | None) -> None:
         def release(engine: Any) -> None:
@@ -196,6 +220,8 @@ class PrefillRole:
         return {"slots_busy": self.slots.busy, "slots_total": self.slots.size,
                 "waiting_handoffs": len(self._pending), "decode_peers": self.peers,
                 "rejected": self.rejected, "handoff_timeouts": self.timed_out,
+                "dead_decode_peers": self.watch.health.dead(),
+                "handoffs_lost_to_dead_peers": self.lost_to_dead_peers,
                 "kv_leak_check": leak}
 
 

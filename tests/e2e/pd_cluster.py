@@ -3,8 +3,9 @@ front end (`python -m pd_serve instance|frontend`), each on a free port with its
 
 Lifecycle:
 1. `PDCluster(tmp, backend, **pd)` writes one config; nothing runs yet;
-2. `start()` launches decode, prefill (peered with decode) and front end, waiting for /health;
-3. `add_decode()` starts one more decode instance; `kill(proc)` SIGKILLs one;
+2. `start(decodes)` launches one decode per entry of `decodes` (pd overrides of that decode,
+   e.g. a fetch delay), prefill (peered with all of them) and front end, waiting for /health;
+3. `add_decode(port, **pd)` starts one more decode instance; `proc.stop(SIGKILL)` kills one;
 4. `stop()` SIGINTs everything still running.
 """
 
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,9 @@ def write_pd_config(path: Path, backend: str, threads: int = 1, **pd: Any) -> Pa
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
+    def __init__(self, name: str, args: list[str], log: Path, port: int | None = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         cmd = [sys.executable, "-m", "pd_serve", *args, "--port", str(self.port),
@@ -79,6 +81,7 @@ class Proc:
 class PDCluster:
     def __init__(self, tmp: Path, backend: str = "torch", threads: int = 1, **pd: Any) -> None:
         self.tmp = tmp
+        self.backend, self.threads, self.pd = backend, threads, pd
         self.config = write_pd_config(tmp / "pd.yaml", backend, threads, **pd)
         self.decodes: list[Proc] = []
         self.prefill: Proc | None = None
@@ -87,17 +90,23 @@ class PDCluster:
     def _common(self) -> list[str]:
         return ["--config", str(self.config)]
 
-    def add_decode(self) -> Proc:
+    def add_decode(self, port: int | None = None, **pd: Any) -> Proc:
         n = len(self.decodes)
-        p = Proc(f"decode-{n}", ["instance", "--role", "decode", *self._common()],
-                 self.tmp / f"decode-{n}.log")
+        config = self.config
+        if pd:
+            config = write_pd_config(self.tmp / f"decode-{n}.yaml", self.backend, self.threads,
+                                     **{**self.pd, **pd})
+        p = Proc(f"decode-{n}", ["instance", "--role", "decode", "--config", str(config)],
+                 self.tmp / f"decode-{n}.log", port)
         self.decodes.append(p)
         return p.wait_healthy()
 
-    def start(self) -> PDCluster:
-        self.add_decode()
+    def start(self, decodes: Sequence[dict[str, Any]] = ({},)) -> PDCluster:
+        for pd in decodes:
+            self.add_decode(**pd)
+        peers = ",".join(d.url for d in self.decodes)
         self.prefill = Proc("prefill", ["instance", "--role", "prefill", "--decode-peers",
-                                        self.decodes[0].url, *self._common()],
+                                        peers, *self._common()],
                             self.tmp / "prefill.log").wait_healthy()
         self.frontend = Proc("frontend", ["frontend", "--prefill", self.prefill.url,
                                           *self._common()], self.tmp / "frontend.log")

@@ -2,8 +2,9 @@
 real `openai` client through the front end gets the aggregated server's greedy output token for
 token in every hand-off mode; the first token leaves prefill before the hand-off; a full prefill
 rejects and the front end retries; a killed decode ends its request with a clear error and frees
-the prefill slot; a client cancel leaves both instances leak-free. Every test ends with leak
-checks on the instances it used."""
+the prefill slot (mid-run, and mid-hand-off long before the hand-off timeout); a dead decode peer
+is skipped and chosen again once it is back; a client cancel leaves both instances leak-free.
+Every test ends with leak checks on the instances it used."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 
 from pd_serve.models.tokenizer import Tokenizer
 from tests.e2e.pd_cluster import PDCluster, Proc
-from tests.e2e.server_process import DEMO_MODEL, ServerProcess, write_config
+from tests.e2e.server_process import DEMO_MODEL, ServerProcess, free_port, write_config
 
 pytestmark = pytest.mark.e2e
 MODEL = "shakespeare-llama"
@@ -65,10 +66,11 @@ def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[
 
 @pytest.fixture()
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PDCluster]:
-    pd = getattr(request, "param", {})
+    pd = dict(getattr(request, "param", {}))
+    decodes = pd.pop("decodes", [{}])
     c = PDCluster(tmp_path, "torch", **pd)
     try:
-        yield c.start()
+        yield c.start(decodes)
     except Exception:
         print(c.logs())
         raise
@@ -90,6 +92,16 @@ def wait_clean(proc: Proc, timeout: float = 30.0) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise AssertionError(f"{proc.name} not clean: {s}")
         time.sleep(0.2)
+
+
+def wait_stats(proc: Proc, ok: Callable[[dict[str, Any]], bool],
+               timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not ok(s := proc.stats()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proc.name}: condition not met within {timeout} s: {s}")
+        time.sleep(0.1)
+    return s
 
 
 def check_clean(c: PDCluster) -> None:
@@ -185,6 +197,65 @@ def test_decode_killed_mid_run(cluster: PDCluster) -> None:
     again = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8,
                                       temperature=0)
     assert again.choices[0].finish_reason in ("length", "stop")
+    check_clean(cluster)
+
+
+@pytest.mark.parametrize("cluster", [{"handoff_timeout_s": 60.0,
+                                      "decodes": [{"fetch_delay_s": 60.0}, {}]}],
+                         indirect=True, ids=["slow-fetch-decode+spare"])
+def test_decode_killed_mid_handoff_frees_slot_at_once(cluster: PDCluster) -> None:
+    assert cluster.prefill is not None and cluster.frontend is not None
+    prefill, (slow, spare) = cluster.prefill, cluster.decodes
+    client = _client(cluster.frontend.url)
+    failure: list[BaseException] = []
+
+    def ask() -> None:  # the hand-off to `slow` stays pending: it waits 60 s before fetching
+        try:
+            for _ in client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
+                                               temperature=0, stream=True):
+                pass
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failure.append(exc)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    s = wait_stats(prefill, lambda s: s["waiting_handoffs"] == 1)
+    assert s["slots_busy"] == 1 and slow.stats()["fetching"] == 1
+    slow.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    s = wait_stats(prefill, lambda s: s["slots_busy"] == 0, timeout=10.0)
+    freed_after = time.monotonic() - killed
+    assert freed_after < 5.0, f"slot freed {freed_after:.1f} s after the kill"
+    assert s["handoffs_lost_to_dead_peers"] == 1 and s["handoff_timeouts"] == 0
+    assert s["dead_decode_peers"] == [slow.url]
+    assert f"decode peer {slow.url} died with 1 hand-off(s) pending" in prefill.log()
+    asker.join(30)
+    assert len(failure) == 1 and isinstance(failure[0], openai.APIError)
+    assert "lost the instance serving the request" in str(failure[0])
+    again = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8,
+                                      temperature=0)
+    assert again.choices[0].finish_reason in ("length", "stop")
+    assert spare.stats()["engine"]["steps"] > 0
+    check_clean(cluster)
+
+
+def test_dead_decode_peer_is_skipped_then_used_again(cluster: PDCluster) -> None:
+    assert cluster.prefill is not None and cluster.frontend is not None
+    prefill, live, port = cluster.prefill, cluster.decodes[0], free_port()
+    down = f"http://127.0.0.1:{port}"  # nothing listens here yet
+    r = httpx.post(f"{prefill.url}/internal/assign",
+                   json={"role": "prefill", "decode_peers": [down, live.url]}, timeout=30)
+    assert r.status_code == 200
+    client = _client(cluster.frontend.url)
+    for prompt in PROMPTS[:3]:  # `down` ranks first (nothing in flight, configured order)
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        assert out.choices[0].finish_reason in ("length", "stop")
+    wait_stats(prefill, lambda s: s["dead_decode_peers"] == [down], timeout=10.0)
+    back = cluster.add_decode(port=port)
+    wait_stats(prefill, lambda s: s["dead_decode_peers"] == [], timeout=10.0)
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert out.choices[0].finish_reason in ("length", "stop")
+    assert back.stats()["engine"]["steps"] > 0
     check_clean(cluster)
 
 

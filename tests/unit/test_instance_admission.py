@@ -1,5 +1,5 @@
 """Pure P/D policies and control-plane messages: slot admission, decode-peer and prefill ranking,
-SamplingParams over the wire."""
+decode-peer liveness, SamplingParams over the wire."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.frontend.forward import rank_prefills
-from pd_serve.instance.admission import SlotPool, rank_decode_peers
+from pd_serve.instance.admission import PeerHealth, SlotPool, rank_decode_peers
 from pd_serve.instance.messages import AssignRequest, PrefillRequest, SamplingWire
 
 
@@ -26,6 +26,38 @@ def test_slot_pool_rejects_when_full_and_refuses_double_free() -> None:
 def test_rankings_fewest_in_flight_then_configured_order() -> None:
     assert rank_decode_peers(["a", "b", "c"], {"a": 2, "b": 0}) == ["b", "c", "a"]
     assert rank_prefills(["p", "q"], {"p": 1, "q": 1}) == ["p", "q"]
+
+
+def test_peer_health_probes_watched_peers_once_per_interval() -> None:
+    h = PeerHealth(failures_to_dead=2, interval_s=0.5)
+    assert h.take_due([], 0.0) == []
+    assert h.take_due(["a", "b"], 0.0) == ["a", "b"]
+    assert h.take_due(["a", "b"], 0.3) == []
+    assert h.take_due(["b"], 0.5) == ["b"]  # "a" has nothing pending and no failures
+    assert h.take_due(["a"], 0.6) == ["a"]
+
+
+def test_peer_health_dead_after_consecutive_failures_and_revived() -> None:
+    h = PeerHealth(failures_to_dead=2, interval_s=0.5)
+    assert h.record("a", False) is None
+    assert h.record("a", True) is None  # a success resets the count
+    assert h.record("a", False) is None and not h.is_dead("a")
+    assert h.take_due([], 1.0) == ["a"]  # a suspect is probed with nothing pending
+    assert h.record("a", False) == "dead"
+    assert h.record("a", False) is None  # "dead" is reported once
+    assert h.dead() == ["a"] and h.alive(["a", "b"]) == ["b"]
+    assert h.take_due([], 2.0) == ["a"]  # dead peers are probed until they answer
+    assert h.record("a", True) == "alive"
+    assert h.alive(["a", "b"]) == ["a", "b"] and h.take_due([], 3.0) == []
+
+
+def test_peer_health_forgets_removed_peers() -> None:
+    h = PeerHealth(failures_to_dead=1, interval_s=0.5)
+    assert h.record("a", False) == "dead" and h.record("b", False) == "dead"
+    h.forget(["b"])
+    assert h.dead() == ["b"]
+    with pytest.raises(ValueError):
+        PeerHealth(failures_to_dead=0, interval_s=0.5)
 
 
 def test_sampling_roundtrip_and_validation() -> None:
