@@ -22,6 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine
+from functools import partial
 from typing import Any
 
 import httpx
@@ -99,7 +100,7 @@ class DecodeRole:
                 msg, source = self._queue[0]
                 rid, n = msg.request_id, len(msg.prompt_token_ids)
                 try:
-                    table = await self.rt.engine.call(lambda e, r=rid, k=n: e.reserve_handoff(r, k))
+                    table = await self.rt.engine.call(partial(_reserve, rid=rid, n=n))
                 except Exception as exc:  # noqa: BLE001 - can never fit, or engine down
                     self._queue.popleft()
                     await self._fail(msg, f"cannot reserve KV blocks: {exc}")
@@ -238,6 +239,10 @@ class DecodeRole:
         return {"waiting_handoffs": len(self._queue), "fetching": self._fetching,
                 "streams": len(self._streams), "failed_handoffs": self.failed,
                 "kv_leak_check": leak}
+
+
+def _reserve(engine: Any, rid: str, n: int) -> list[int] | None:
+    return engine.reserve_handoff(rid, n)
 
 
 def _adopt(engine: Any, rid: str, prompt: list[int], first: int, params: Any,

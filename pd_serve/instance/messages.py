@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pd_serve.engine.sampling_params import SamplingParams
 
-VERSION = 1
+VERSION: Literal[1] = 1
 Role = Literal["prefill", "decode"]
 
 

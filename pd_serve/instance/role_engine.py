@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 from pd_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineError, _Stream
@@ -41,7 +41,7 @@ class RoleEngine(AsyncEngine):
             self._cond.notify()
         return await fut
 
-    async def stream(self, request_id: str, add: Adder) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request_id: str, add: Adder) -> AsyncGenerator[RequestOutput, None]:
         """Like `generate`, but the request is added by `add(engine)` on the engine thread.
         Ends after a finished or hand-off-ready output; closing early aborts the request."""
         if not self.alive:
