@@ -20,6 +20,7 @@ Usage: python tools/bench_transport.py [--tokens 512 2048 8192] [--repeats 5] [-
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing as mp
 import platform
@@ -203,6 +204,7 @@ def main() -> None:
     if args.out:
         meta = {
             "command": " ".join(sys.argv),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": platform.platform(),
             "cpus": mp.cpu_count(),
             "repeats": args.repeats,
