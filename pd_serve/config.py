@@ -109,6 +109,7 @@ class PDConfig:
     peer_probe_timeout_s: float = 2.0  # prefill: one probe slower than this is a failure
     peer_probe_failures: int = 2  # prefill: consecutive failures that mark a decode peer dead
     fetch_delay_s: float = 0.0  # test only: decode waits this long before each KV fetch
+    prefill_queue_max: int = 64  # baseline (a): local FIFO places per prefill (queue=true offers)
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode", "b_p", "peer_probe_failures"):
@@ -124,6 +125,8 @@ class PDConfig:
                 raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
         if self.fetch_delay_s < 0:
             raise ValueError(f"pd.fetch_delay_s must be >= 0, got {self.fetch_delay_s}")
+        if self.prefill_queue_max < 0:
+            raise ValueError(f"pd.prefill_queue_max must be >= 0, got {self.prefill_queue_max}")
 
 
 @dataclass(frozen=True)
