@@ -1,6 +1,6 @@
 """The `pd-serve` command line: `serve` runs one aggregated OpenAI-compatible server; `up`
-starts the local disaggregated deployment (prefill and decode instances plus the front end),
-waits until it is healthy and shows a sample request; `instance` and `frontend` run one of its
+starts the local disaggregated deployment (prefill and decode instances plus the gateway),
+waits until it is healthy and shows a sample request; `instance` and `gateway` run one of its
 processes.
 
 Paths: a `--config` path is taken relative to the current directory, falling back to the project
@@ -140,7 +140,7 @@ def up(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), port: PortOpt = None,
            help="Stop the deployment after the sample requests (scripts, tests).")] = False,
        timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = 600.0,
        ) -> None:
-    """Start the local disaggregated deployment (decode and prefill instances plus the front end,
+    """Start the local disaggregated deployment (decode and prefill instances plus the gateway,
     as subprocesses on loopback), send a sample chat and completion, serve until Ctrl-C."""
     from pd_serve.instance.launch import LocalDeployment
 
@@ -149,7 +149,7 @@ def up(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), port: PortOpt = None,
     dep = LocalDeployment(resolve_config_path(config), cfg, fport, cfg.model.backend, log_level)
     typer.echo(f"starting {cfg.pd.num_prefill} prefill + {cfg.pd.num_decode} decode instance(s) "
                f"of {cfg.model.name} ({cfg.model.backend}, hand-off {cfg.pd.handoff_mode}) "
-               f"and the front end at {dep.url}/v1 ...")
+               f"and the gateway at {dep.url}/v1 ...")
     dep.start()
     try:
         _or_exit_runtime(lambda: dep.wait_healthy(timeout))
@@ -184,18 +184,31 @@ def instance(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
     _or_exit(lambda: run_instance(cfg, role, _urls(decode_peers), log_level))
 
 
+PrefillOpt = Annotated[str, typer.Option(
+    help="Comma-separated prefill instances, NAME=URL or URL (scenarios may use either).")]
+
+
 @app.command()
-def frontend(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
-             port: PortOpt = None, backend: BackendOpt = None,
-             prefill: Annotated[str, typer.Option(
-                 help="Comma-separated prefill instance URLs.")] = "",
-             log_level: LogOpt = "info") -> None:
-    """Run the minimal P/D front end (OpenAI API, forwarding to prefill, relay from decode)."""
-    from pd_serve.instance.process import run_frontend
+def gateway(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
+            port: PortOpt = None, backend: BackendOpt = None, prefill: PrefillOpt = "",
+            log_level: LogOpt = "info") -> None:
+    """Run the P/D gateway (OpenAI API, scenario routing, forwarding to prefill instances with
+    rejections or a baseline policy, relay from decode, metrics)."""
+    from pd_serve.gateway.scenarios import parse_instances
+    from pd_serve.gateway.serve import run_gateway
 
     cfg = _or_exit(lambda: load_config(config, host, port, backend))
+    instances = _or_exit(lambda: parse_instances(_urls(prefill)))
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    _or_exit(lambda: run_frontend(cfg, _urls(prefill), log_level))
+    _or_exit(lambda: run_gateway(cfg, instances, log_level))
+
+
+@app.command(hidden=True)
+def frontend(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
+             port: PortOpt = None, backend: BackendOpt = None, prefill: PrefillOpt = "",
+             log_level: LogOpt = "info") -> None:
+    """Former name of `gateway`."""
+    gateway(config, host, port, backend, prefill, log_level)
 
 
 def _urls(csv: str) -> list[str]:

@@ -129,6 +129,71 @@ class PDConfig:
             raise ValueError(f"pd.prefill_queue_max must be >= 0, got {self.prefill_queue_max}")
 
 
+GATEWAY_POLICIES = ("forwarding", "fifo", "round_robin")
+
+
+@dataclass(frozen=True)
+class TTFTBand:
+    """TTFT deadline for prompts of at most `max_prompt_tokens` tokens (null: any length)."""
+
+    max_prompt_tokens: int | None = None
+    deadline_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
+            raise ValueError(f"max_prompt_tokens must be positive, got {self.max_prompt_tokens}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """One scenario: its prefill instances (URLs or instance names), policy and TTFT SLO bands
+    (sorted by `max_prompt_tokens`; a prompt longer than every band gets the last deadline)."""
+
+    name: str = "default"
+    prefill: tuple[str, ...] = ()  # empty: every prefill instance the gateway knows
+    policy: str = "forwarding"  # forwarding | fifo | round_robin
+    ttft_slo: tuple[TTFTBand, ...] = (TTFTBand(),)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("scenario name must not be empty")
+        if self.policy not in GATEWAY_POLICIES:
+            raise ValueError(f"scenario {self.name!r}: policy must be one of {GATEWAY_POLICIES},"
+                             f" got {self.policy!r}")
+        if not self.ttft_slo:
+            raise ValueError(f"scenario {self.name!r}: ttft_slo needs at least one band")
+        limits = [b.max_prompt_tokens for b in self.ttft_slo]
+        bounded = [n for n in limits if n is not None]
+        if bounded != sorted(set(bounded)) or None in limits[:-1]:
+            raise ValueError(f"scenario {self.name!r}: ttft_slo bands must have increasing "
+                             "max_prompt_tokens, an open band (null) only last")
+        if len(set(self.prefill)) != len(self.prefill):
+            raise ValueError(f"scenario {self.name!r}: prefill lists an instance twice")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway: scenarios over prefill instances; `default_scenario` serves requests that
+    name none. No scenarios: one scenario `default_scenario` over every prefill instance."""
+
+    default_scenario: str = "default"
+    scenarios: tuple[ScenarioConfig, ...] = ()
+    timeline_capacity: int = 1024  # finished request timelines kept for /debug/requests/{id}
+    max_stats_samples: int = 10000  # latency samples per scenario kept for /stats percentiles
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.scenarios]
+        if len(set(names)) != len(names):
+            raise ValueError(f"gateway.scenarios: duplicate scenario names in {names}")
+        if self.scenarios and self.default_scenario not in names:
+            raise ValueError(f"gateway.default_scenario {self.default_scenario!r} is not one of "
+                             f"the scenarios {names}")
+        if self.timeline_capacity <= 0 or self.max_stats_samples <= 0:
+            raise ValueError("gateway.timeline_capacity and max_stats_samples must be positive")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything one serving process needs."""
@@ -138,6 +203,7 @@ class ServeConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     pd: PDConfig = field(default_factory=PDConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

@@ -1,1 +1,1 @@
-"""Minimal disaggregated front end: OpenAI API in, prefill forwarding with retry, SSE relay."""
+"""Former name of the gateway (pd_serve.gateway); kept as an alias for old imports."""

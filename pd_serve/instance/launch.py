@@ -1,10 +1,12 @@
 """The local disaggregated deployment behind `pd-serve up`: decode instances, prefill instances
-(pointed at every decode instance) and the front end, each a subprocess on loopback.
+(pointed at every decode instance) and the gateway, each a subprocess on loopback. The
+gateway knows the prefill instances by name (`prefill-0`, ...), so a config's scenarios may
+name them; without scenarios it serves one, "default", over all of them.
 
 Lifecycle:
 1. `LocalDeployment(config_path, cfg, ...)` picks free ports; nothing runs yet;
 2. `start()` spawns every process (decode first), `wait_healthy()` polls each /health;
-3. `stop()` sends SIGINT to the front end, then prefill, then decode, waits for each (killing a
+3. `stop()` sends SIGINT to the gateway, then prefill, then decode, waits for each (killing a
    process that does not exit within 15 s); safe to call twice.
 """
 
@@ -60,10 +62,10 @@ class LocalDeployment:
             self.children.append(Child(f"prefill-{i}", url, [
                 *base, "instance", "--role", "prefill", "--port", _port(url),
                 "--decode-peers", ",".join(decodes), *common]))
-        prefills = [c.url for c in self.children if c.name.startswith("prefill")]
+        prefills = [f"{c.name}={c.url}" for c in self.children if c.name.startswith("prefill")]
         self.url = f"http://{host}:{self.frontend_port}"
-        self.children.append(Child("frontend", self.url, [
-            *base, "frontend", "--port", str(self.frontend_port),
+        self.children.append(Child("gateway", self.url, [
+            *base, "gateway", "--port", str(self.frontend_port),
             "--prefill", ",".join(prefills), *common]))
 
     def start(self) -> None:

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from pd_serve.engine.sampling_params import SamplingParams
-from pd_serve.frontend.forward import rank_prefills
+from pd_serve.gateway.policy import rank as rank_prefills
 from pd_serve.instance.admission import PeerHealth, SlotPool, rank_decode_peers
 from pd_serve.instance.messages import AssignRequest, PrefillRequest, SamplingWire
 

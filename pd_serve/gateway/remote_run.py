@@ -2,18 +2,20 @@
 deltas, as the RequestOutputs the API's response shapers (pd_serve.api.generation) consume.
 
 Lifecycle:
-1. `admit_remote()` forwards the request (Forwarder.open) and waits for `first`; a rejection or
-   bad input is still a clean HTTP error;
+1. `admit_remote()` forwards the request (Forwarder.open) and waits for `first`; a termination
+   or bad input is still a clean HTTP error;
 2. iterating `RemoteRest` reads the `handoff` event, closes the prefill stream, attaches to the
    decode stream and yields one output per delta (text deltas from the cumulative text);
 3. `aclose()` (client gone, error, or done) closes both streams, which aborts the request on
-   whichever instance holds it, and asks decode to abort a hand-off not yet attached to.
+   whichever instance holds it, and asks decode to abort a hand-off not yet attached to, then
+   ends the request's timeline (finished, failed or cancelled) and hands it to `on_end`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -22,8 +24,10 @@ from pd_serve.api import generation as gen
 from pd_serve.api.errors import SERVER_ERROR, APIError
 from pd_serve.api.prepare import Prepared
 from pd_serve.engine.outputs import FinishReason, RequestOutput
-from pd_serve.frontend.forward import Forwarder, PrefillStream
-from pd_serve.frontend.sse import events
+from pd_serve.gateway.forward import Forwarder, PrefillStream
+from pd_serve.gateway.scenarios import Scenario
+from pd_serve.gateway.sse import events
+from pd_serve.gateway.timeline import CANCELLED, FAILED, OK, TERMINATED, Timeline
 from pd_serve.instance.messages import (
     AbortRequest,
     DeltaEvent,
@@ -34,18 +38,22 @@ from pd_serve.instance.messages import (
 )
 
 log = logging.getLogger(__name__)
+DEADLINE = "ttft_deadline_exceeded"
 
 
-async def admit_remote(fwd: Forwarder, request_id: str, model: str, prep: Prepared) -> gen.Run:
+async def admit_remote(fwd: Forwarder, sc: Scenario, request_id: str, model: str,
+                       prep: Prepared, tl: Timeline,
+                       on_end: Callable[[Timeline], None]) -> gen.Run:
     body = PrefillRequest(request_id=request_id, prompt_token_ids=prep.prompt_token_ids,
-                          sampling=SamplingWire.of(prep.params)).model_dump_json().encode()
-    prefill = await fwd.open(body)
-    rest = RemoteRest(fwd, request_id, prefill)
+                          sampling=SamplingWire.of(prep.params)).model_dump(mode="json")
+    prefill = await fwd.open(sc, body, tl)
+    rest = RemoteRest(fwd, request_id, prefill, tl, on_end)
     try:
         first = FirstEvent.model_validate(await rest.expect("first"))
     except BaseException:
         await rest.aclose()
         raise
+    tl.token(time.monotonic(), 1)
     rest.first = first
     out = RequestOutput(request_id, [first.token_id], first.text, first.text, first.finished,
                         _reason(first.finish_reason), first.prompt_tokens, 1, first.cached_tokens)
@@ -55,8 +63,13 @@ async def admit_remote(fwd: Forwarder, request_id: str, model: str, prep: Prepar
 class RemoteRest:
     """Async iterator over the outputs after the first; `aclose()` releases everything."""
 
-    def __init__(self, fwd: Forwarder, request_id: str, prefill: PrefillStream) -> None:
+    def __init__(self, fwd: Forwarder, request_id: str, prefill: PrefillStream, tl: Timeline,
+                 on_end: Callable[[Timeline], None]) -> None:
         self.fwd = fwd
+        self.timeline = tl
+        self.on_end = on_end
+        self.error: str | None = None
+        self.error_code: str | None = None
         self.request_id = request_id
         self.prefill: PrefillStream | None = prefill
         self.prefill_events = events(prefill.response)
@@ -74,7 +87,11 @@ class RemoteRest:
             self._gen = self._outputs()
         try:
             return await self._gen.__anext__()
+        except APIError as exc:
+            self.error = exc.message
+            raise
         except httpx.HTTPError as exc:
+            self.error = repr(exc)
             raise APIError(502, f"lost the instance serving the request: {exc!r}",
                            type=SERVER_ERROR, code="instance_unavailable") from exc
 
@@ -85,7 +102,9 @@ class RemoteRest:
             if event == name:
                 return data
             if event == "error":
-                raise _remote_error(data, "prefill")
+                err = _remote_error(data, "prefill")
+                self.error, self.error_code = err.message, err.code
+                raise err
         raise APIError(502, f"prefill stream ended before its {name!r} event",
                        type=SERVER_ERROR, code="prefill_failed")
 
@@ -96,6 +115,7 @@ class RemoteRest:
             return
         handoff = HandoffEvent.model_validate(await self.expect("handoff"))
         self.decode_url = handoff.decode_url
+        self.timeline.handoff = (time.monotonic(), handoff.decode_url)
         await self._close_prefill()
         req = self.fwd.client.build_request(
             "GET", f"{handoff.decode_url}/internal/stream/{self.request_id}")
@@ -112,6 +132,7 @@ class RemoteRest:
             delta = d.text[len(sent):] if d.text.startswith(sent) else ""
             sent = d.text if d.text.startswith(sent) else sent
             self.finished = d.finished
+            self.timeline.token(time.monotonic(), d.completion_tokens)
             yield RequestOutput(self.request_id, d.token_ids, delta, sent, d.finished,
                                 _reason(d.finish_reason), self.first.prompt_tokens,
                                 d.completion_tokens, self.first.cached_tokens)
@@ -132,6 +153,11 @@ class RemoteRest:
         elif self.decode_url is not None and not self.finished:
             await self._abort_on_decode()
         self.decode_url = None  # idempotent: abort at most once
+        if self.timeline.outcome is None:
+            outcome = (OK if self.finished else TERMINATED if self.error_code == DEADLINE
+                       else FAILED if self.error else CANCELLED)
+            self.timeline.finish(outcome, time.monotonic(), self.error)
+            self.on_end(self.timeline)
 
     async def _abort_on_decode(self) -> None:
         body = AbortRequest(request_id=self.request_id).model_dump_json()
@@ -148,4 +174,8 @@ def _reason(value: str | None) -> FinishReason | None:
 
 def _remote_error(data: dict[str, Any], where: str) -> APIError:
     message = str(data.get("message", f"the {where} instance failed"))
-    return APIError(502, message, type=SERVER_ERROR, code=str(data.get("code", f"{where}_failed")))
+    code = str(data.get("code", f"{where}_failed"))
+    if code == "deadline_exceeded":  # queued on the instance (baselines) past its TTFT budget
+        return APIError(503, f"TTFT deadline exceeded while queued on {where}: {message}",
+                        type=SERVER_ERROR, code=DEADLINE)
+    return APIError(502, message, type=SERVER_ERROR, code=code)

@@ -1,0 +1,163 @@
+"""The gateway's HTTP app: OpenAI-compatible /v1/completions and /v1/chat/completions (validated
+and prepared exactly as the aggregated server does, same error bodies), /v1/models; operator
+routes /health, /stats (JSON metrics per scenario), /metrics (Prometheus) and
+/debug/requests/{id} (one request's timeline). Each request is routed by its scenario, forwarded
+to a prefill instance under the scenario's policy and relayed from decode.
+
+Lifecycle:
+1. `build_gateway_app(cfg, tokenizer, max_model_len, instances)` builds the scenario tables and
+   a Forwarder (ValueError for a scenario naming an unknown instance);
+2. requests: auth -> parse -> scenario -> prepare -> forward (until the TTFT deadline) -> relay;
+   a client that goes away closes the remote streams, which aborts the request where it is;
+   every request's timeline is kept in a bounded ring and recorded in the metrics when it ends;
+3. ASGI shutdown closes the HTTP client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from pd_serve.api import generation as gen
+from pd_serve.api.errors import (
+    APIError,
+    bad_request,
+    from_validation_errors,
+    install_error_handlers,
+    model_not_found,
+    parse_json,
+)
+from pd_serve.api.prepare import Limits, Prepared, prepare_chat, prepare_completion
+from pd_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pd_serve.api.protocol import new_id as _new_id
+from pd_serve.api.server import SSE_HEADERS, _auth, _until_disconnect
+from pd_serve.config import ServeConfig
+from pd_serve.gateway.forward import Forwarder
+from pd_serve.gateway.metrics import GatewayMetrics
+from pd_serve.gateway.ops import operator_router
+from pd_serve.gateway.policy import ttft_deadline
+from pd_serve.gateway.remote_run import DEADLINE, admit_remote
+from pd_serve.gateway.scenarios import Scenario, build_scenarios, scenario_of
+from pd_serve.gateway.timeline import CANCELLED, FAILED, TERMINATED, Timeline, TimelineRing
+from pd_serve.models.tokenizer import Tokenizer
+
+M = TypeVar("M", bound=BaseModel)
+Shaper = Callable[[gen.Run], Awaitable[BaseModel]]
+Streamer = Callable[[gen.Run, bool], AsyncIterator[str]]
+
+
+@dataclass
+class Gateway:
+    """Everything the routes share."""
+
+    fwd: Forwarder
+    scenarios: dict[str, Scenario]
+    default: str
+    ring: TimelineRing
+    metrics: GatewayMetrics
+    tok: Tokenizer
+    limits: Limits
+
+    def ended(self, tl: Timeline) -> None:
+        self.metrics.record(tl)
+
+
+def build_gateway_app(cfg: ServeConfig, tok: Tokenizer, max_model_len: int,
+                      instances: Mapping[str, str]) -> FastAPI:
+    gw_cfg = cfg.gateway
+    scenarios = build_scenarios(gw_cfg, instances, cfg.pd.forward_deadline_s)
+    gw = Gateway(Forwarder(scenarios, cfg.pd.retry_interval_s), scenarios,
+                 gw_cfg.default_scenario, TimelineRing(gw_cfg.timeline_capacity),
+                 GatewayMetrics(list(scenarios), gw_cfg.max_stats_samples), tok,
+                 Limits(cfg.model.name, max_model_len, tok.vocab_size,
+                        cfg.server.max_tokens_default))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await gw.fwd.aclose()
+
+    app = FastAPI(title="pd-serve gateway", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(_openai_router(gw, cfg.server.api_keys))
+    app.include_router(operator_router(gw.fwd, gw.ring, gw.metrics))
+    return app
+
+
+def _openai_router(gw: Gateway, api_keys: tuple[str, ...]) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(_auth(api_keys))])
+    limits = gw.limits
+
+    @router.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        data, req = await _parse(request, CompletionRequest)
+        sc = scenario_of(request.headers, data, gw.default, gw.scenarios)
+        prep = prepare_completion(req, gw.tok, limits)
+        return await _respond(request, gw, sc, arrival, _new_id("cmpl"), prep, bool(req.stream),
+                              req.include_usage, gen.complete_text, gen.stream_text)
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        data, req = await _parse(request, ChatCompletionRequest)
+        sc = scenario_of(request.headers, data, gw.default, gw.scenarios)
+        prep = prepare_chat(req, gw.tok, limits)
+        return await _respond(request, gw, sc, arrival, _new_id("chatcmpl"), prep,
+                              bool(req.stream), req.include_usage, gen.complete_chat,
+                              gen.stream_chat)
+
+    @router.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=limits.model_name, max_model_len=limits.max_model_len)])
+
+    @router.get("/v1/models/{model:path}")
+    async def model(model: str) -> ModelCard:
+        if model != limits.model_name:
+            raise model_not_found(model)
+        return ModelCard(id=model, max_model_len=limits.max_model_len)
+
+    return router
+
+
+async def _parse(request: Request, model: type[M]) -> tuple[dict[str, Any], M]:
+    data = parse_json(await request.body())
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return data, model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_errors(list(exc.errors())) from exc
+
+
+async def _respond(request: Request, gw: Gateway, sc: Scenario, arrival: float, request_id: str,
+                   prep: Prepared, stream: bool, include_usage: bool, complete: Shaper,
+                   streamer: Streamer) -> Response:
+    n = len(prep.prompt_token_ids)
+    tl = Timeline(request_id, sc.name, arrival, n, arrival + ttft_deadline(sc.ttft_slo, n))
+    gw.ring.add(tl)
+    try:
+        run = await _until_disconnect(request, admit_remote(
+            gw.fwd, sc, request_id, gw.limits.model_name, prep, tl, gw.ended))
+    except APIError as exc:
+        if tl.outcome is None:
+            outcome = {DEADLINE: TERMINATED, "client_disconnected": CANCELLED}.get(
+                exc.code or "", FAILED)
+            tl.finish(outcome, time.monotonic(), exc.message)
+            gw.ended(tl)
+        raise
+    if stream:
+        return StreamingResponse(streamer(run, include_usage), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    try:
+        body = await _until_disconnect(request, complete(run))
+    finally:
+        await run.close()
+    return JSONResponse(body.model_dump(mode="json"))
