@@ -1,7 +1,8 @@
-"""Pure policies of an instance: prefill batch slots (accept or reject, never queue), the
-choice of a decode peer (fewest hand-offs in flight first, dead peers never) and the liveness of
-decode peers from probe results (state + clock in, decisions out; no I/O, so a simulator can
-drive it with its own clock).
+"""Pure policies of an instance: what a prefill does with an offered request (start it in a
+free slot, reject it, or, only when the offer asks for the baseline local FIFO, queue it), the
+TTFT deadline check before and after prefill, the choice of a decode peer (fewest hand-offs in
+flight first, dead peers never) and the liveness of decode peers from probe results (state +
+clock in, decisions out; no I/O, so a simulator can drive it with its own clock).
 
 SlotPool lifecycle: `acquire()` returns a free slot index or None (the caller answers 429);
 the holder calls `release(slot)` exactly once, when the slot's hand-off is done, failed or timed
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+Offer = Literal["start", "queue", "deadline_exceeded", "draining", "no_free_slot", "queue_full"]
+REJECTIONS: tuple[Offer, ...] = ("draining", "no_free_slot", "queue_full")  # answered with 429
 
 
 class SlotPool:
@@ -34,6 +39,38 @@ class SlotPool:
     @property
     def busy(self) -> int:
         return self.size - len(self._free)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+
+def past_deadline(deadline: float | None, now: float) -> bool:
+    """True when a TTFT budget ending at `deadline` (same clock as `now`; None: no budget) has
+    run out. Before prefill: the request must not start; after: its first token is late."""
+    return deadline is not None and now >= deadline
+
+
+def decide_offer(*, free_slots: int, queued: int, queue_max: int, wants_queue: bool,
+                 draining: bool, expired: bool) -> Offer:
+    """What a prefill instance does with one offered request.
+
+    Draining instances refuse everything (the gateway moves on); a request whose budget is gone
+    ends at once without a slot; a free slot is taken only when nobody queues ahead (FIFO);
+    otherwise the request is rejected (on-demand forwarding: it waits at the gateway) unless it
+    asked for the local queue and the queue has room.
+    """
+    if draining:
+        return "draining"
+    if expired:
+        return "deadline_exceeded"
+    if free_slots > 0 and queued == 0:
+        return "start"
+    if not wants_queue:
+        return "no_free_slot"
+    if queued >= queue_max:
+        return "queue_full"
+    return "queue"
 
 
 def rank_decode_peers(peers: Sequence[str], in_flight: Mapping[str, int]) -> list[str]:

@@ -6,12 +6,15 @@ Lifecycle:
    assigns it before the server accepts connections;
 2. assign: loads the model on a worker thread (Runtime.build), creates the role object; a second
    assign with the same role updates group and decode peers, another role answers 409;
-3. ASGI shutdown stops the role object and closes the runtime (engine thread, KV, runner).
+3. `POST /internal/drain` makes the role refuse new work with 429 `draining` while queued,
+   running and handed-off work finishes (`/stats` `idle`); `/internal/undrain` reverses it;
+4. ASGI shutdown stops the role object and closes the runtime (engine thread, KV, runner).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -54,6 +57,7 @@ class Instance:
         self.runtime: Runtime | None = None
         self.prefill: PrefillRole | None = None
         self.decode: DecodeRole | None = None
+        self.draining = False
         self._assigning = asyncio.Lock()
 
     async def assign(self, msg: AssignRequest) -> dict[str, Any]:
@@ -70,10 +74,23 @@ class Instance:
                     self.decode = DecodeRole(self.runtime, self.cfg.pd)
                     self.decode.start()
                 self.role = msg.role
+                self.drain(self.draining)
             self.group = msg.group
             if self.prefill is not None:
                 self.prefill.set_peers([p.rstrip("/") for p in msg.decode_peers])
             return {"role": self.role, "group": self.group, "decode_peers": msg.decode_peers}
+
+    def drain(self, on: bool) -> dict[str, Any]:
+        """Drain (`on`) or undrain; the role reads its own flag on every offer."""
+        self.draining = on
+        for part in (self.prefill, self.decode):
+            if part is not None:
+                part.draining = on
+        return {"draining": on, "idle": self.idle}
+
+    @property
+    def idle(self) -> bool:
+        return all(part.idle for part in (self.prefill, self.decode) if part is not None)
 
     async def close(self) -> None:
         for part in (self.prefill, self.decode):
@@ -95,7 +112,8 @@ class Instance:
         return self.decode
 
     async def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "group": self.group}
+        out: dict[str, Any] = {"role": self.role, "group": self.group,
+                               "draining": self.draining, "idle": self.idle}
         if self.runtime is not None:
             out["engine"] = self.runtime.engine.stats()
         if self.prefill is not None:
@@ -142,17 +160,25 @@ def _routes(app: FastAPI, inst: Instance) -> None:
 
     @app.post("/internal/prefill", response_model=None)
     async def prefill(request: Request) -> StreamingResponse:
+        arrived = time.monotonic()  # deadline_s counts from here
         role = inst.need_prefill()
         msg = await _parse(request, PrefillRequest)
         _check(lambda: msg.sampling.params())
-        slot = role.admit()
-        return StreamingResponse(role.run(msg, slot), media_type="text/event-stream",
+        return StreamingResponse(role.offer(msg, arrived), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
     @app.post("/internal/handoff")
     async def handoff(request: Request) -> JSONResponse:
         queued = inst.need_decode().accept(await _parse(request, HandoffRequest))
         return JSONResponse({"queued": queued}, status_code=202)
+
+    @app.post("/internal/drain")
+    async def drain() -> dict[str, Any]:
+        return inst.drain(True)
+
+    @app.post("/internal/undrain")
+    async def undrain() -> dict[str, Any]:
+        return inst.drain(False)
 
     @app.post("/internal/handoff_done")
     async def handoff_done(request: Request) -> dict[str, bool]:

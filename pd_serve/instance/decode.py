@@ -12,7 +12,8 @@ Lifecycle of one hand-off (who frees what):
 4. the request ends by finishing, by its consumer leaving, by `abort()`, or because nobody
    attached within `attach_timeout_s`: the engine frees its blocks (abort or finish).
 A failed fetch cancels the reservation, reports HandoffDone ok=false and ends the stream with an
-`error` event. Prefill hears HandoffDone exactly once per accepted hand-off.
+`error` event. Prefill hears HandoffDone exactly once per accepted hand-off. While draining,
+`accept()` answers 429 `draining` (prefill offers the hand-off to another peer).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class DecodeRole:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=10.0)
         self.failed = 0
+        self.draining = False
 
     def start(self) -> None:
         self._spawn(self._retrieval_loop())
@@ -76,7 +78,11 @@ class DecodeRole:
         await self._http.aclose()
 
     def accept(self, msg: HandoffRequest) -> int:
-        """Queues a hand-off; 400 on a bad one, 409 on a request id in use. Queue length."""
+        """Queues a hand-off; 400 on a bad one, 409 on a request id in use, 429 while draining.
+        Queue length."""
+        if self.draining:
+            raise APIError(429, "this decode instance is draining", type="server_error",
+                           code="draining")
         if msg.request_id in self._streams:
             raise APIError(409, f"request {msg.request_id!r} is already here", code="conflict")
         try:
@@ -227,6 +233,11 @@ class DecodeRole:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @property
+    def idle(self) -> bool:
+        """No hand-off queued or being fetched and no stream open."""
+        return not (self._queue or self._fetching or self._streams)
 
     async def stats(self) -> dict[str, Any]:
         leak = self.rt.engine.stats().get("leak_check", "not run")

@@ -3,9 +3,13 @@ validated with pydantic; no pickle on any wire). Every body carries `version`.
 
 Routes and bodies (instance side):
 * POST /internal/assign       AssignRequest -> {"role", "group", "decode_peers"}
-* POST /internal/prefill      PrefillRequest -> 429 no_free_slot | SSE: `first`, then `handoff`
-                              (or the stream ends after `first` when it finished) | `error`
-* POST /internal/handoff      HandoffRequest (prefill -> decode) -> 202 {"queued"}
+* POST /internal/prefill      PrefillRequest -> 429 no_free_slot | queue_full | draining | SSE:
+                              `first`, then `handoff` (or the stream ends after `first` when it
+                              finished) | `error` (deadline_exceeded: never prefilled); a queued
+                              request's stream stays silent until its prefill ran
+* POST /internal/handoff      HandoffRequest (prefill -> decode) -> 202 {"queued"} | 429 draining
+* POST /internal/drain        -> {"draining": true, "idle"}: refuse new work, finish the rest
+* POST /internal/undrain      -> {"draining": false, "idle"}
 * POST /internal/handoff_done HandoffDone (decode -> prefill) -> {"released"}
 * GET  /internal/stream/{id}  SSE of `delta` events (decode), ending with a finished one | `error`
 * POST /internal/abort        AbortRequest -> {"aborted"}
@@ -67,6 +71,8 @@ class PrefillRequest(_Msg):
     request_id: str = Field(min_length=1, max_length=200)
     prompt_token_ids: list[int] = Field(min_length=1)
     sampling: SamplingWire
+    queue: bool = False  # wait in the instance's local FIFO instead of a 429 (baseline (a))
+    deadline_s: float | None = Field(default=None, allow_inf_nan=False)  # TTFT budget left
 
 
 class HandoffRequest(_Msg):
@@ -95,6 +101,7 @@ class FirstEvent(BaseModel):
     cached_tokens: int
     finished: bool
     finish_reason: str | None
+    late: bool = False  # produced after the request's deadline_s ran out (an SLO failure)
 
 
 class HandoffEvent(BaseModel):

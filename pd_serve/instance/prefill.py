@@ -1,9 +1,14 @@
-"""The prefill role: admission by `b_p` slots, first token streamed at once, KV staged into the
+"""The prefill role: admission by `b_p` slots (optionally behind a local FIFO, the baseline),
+TTFT deadline checked before and after prefill, first token streamed at once, KV staged into the
 slot's buffer, hand-off offered to a decode peer, slot held until decode confirms.
 
 Lifecycle of one request (who frees what):
-1. `admit()` takes a slot or raises 429 `no_free_slot` (nothing allocated, nothing queued);
-2. `run()` streams `first`; a finished request frees its blocks in the engine and the slot here;
+1. `offer()` decides (`decide_offer`, pure): 429 `draining` | `no_free_slot` | `queue_full`
+   (nothing allocated); an SSE body that only says `deadline_exceeded` (budget gone on arrival;
+   nothing allocated); a slot now; or a place in the FIFO (`SlotQueue`), where the request
+   waits silently for a freed slot and ends `deadline_exceeded` if its budget runs out first;
+2. `run()` streams `first` (`late` when the budget ran out during prefill); a finished request
+   frees its blocks in the engine and the slot here;
 3. otherwise the parked request's blocks are staged into the slot's buffer (KVSender) and
    released in the engine at once (`release_handoff`); the buffer and slot stay held;
 4. decode accepts the hand-off (`handoff` event, stream ends) and later POSTs HandoffDone, or the
@@ -12,7 +17,9 @@ Lifecycle of one request (who frees what):
 A decode peer that refuses the hand-off (no connection, any non-202) is skipped for the next one;
 dead peers are not offered hand-offs until they answer /health again.
 Any failure or client disconnect before step 4 frees blocks, buffer and slot the same way.
-Frees are ordered behind the stage by running them as engine-thread calls.
+Frees are ordered behind the stage by running them as engine-thread calls. A freed slot goes
+to the head of the FIFO at once. Draining: new offers get 429 `draining`; queued, running and
+handed-off work finishes; `idle` says when nothing is left.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +38,12 @@ from pd_serve.api.errors import APIError
 from pd_serve.config import PDConfig
 from pd_serve.engine.async_engine import EngineError
 from pd_serve.engine.outputs import RequestOutput
-from pd_serve.instance.admission import SlotPool, rank_decode_peers
+from pd_serve.instance.admission import (
+    REJECTIONS,
+    decide_offer,
+    past_deadline,
+    rank_decode_peers,
+)
 from pd_serve.instance.messages import (
     ErrorEvent,
     FirstEvent,
@@ -41,9 +54,13 @@ from pd_serve.instance.messages import (
     sse,
 )
 from pd_serve.instance.peer_watch import PeerWatch
+from pd_serve.instance.prefill_queue import SlotQueue, Waiter
 from pd_serve.instance.runtime import Runtime, source_to_json
 
 log = logging.getLogger(__name__)
+_REFUSALS = {"draining": "this prefill instance is draining",
+             "no_free_slot": "all {b_p} prefill slots are busy",
+             "queue_full": "all {b_p} prefill slots are busy and {q} requests are queued"}
 
 
 @dataclass
@@ -59,13 +76,17 @@ class PrefillRole:
         self.pd = pd
         self.self_url = self_url
         self.peers = list(peers)
-        self.slots = SlotPool(pd.b_p)
+        self.queue = SlotQueue(pd.b_p, pd.prefill_queue_max)
+        self.slots = self.queue.slots
+        self.draining = False
         self.in_flight: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=10.0)
         self._sweeper: asyncio.Task[None] | None = None
-        self.rejected = 0
+        self.rejected = dict.fromkeys(REJECTIONS, 0)
+        self.deadline_exceeded = 0
+        self.late = 0
         self.timed_out = 0
         self.lost_to_dead_peers = 0
         self.watch = PeerWatch(pd, lambda: {p.peer for p in self._pending.values()},
@@ -85,16 +106,42 @@ class PrefillRole:
         self.peers = list(peers)
         self.watch.health.forget([*peers, *(p.peer for p in self._pending.values())])
 
-    def admit(self) -> int:
-        slot = self.slots.acquire()
-        if slot is None:
-            self.rejected += 1
-            raise APIError(429, f"all {self.slots.size} prefill slots are busy",
-                           type="server_error", code="no_free_slot")
-        return slot
+    def offer(self, req: PrefillRequest, arrived: float) -> AsyncIterator[str]:
+        """429 APIError, or the SSE body of the offered request (`arrived`: time.monotonic())."""
+        deadline = None if req.deadline_s is None else arrived + req.deadline_s
+        verdict = decide_offer(free_slots=self.slots.free, queued=self.queue.queued,
+                               queue_max=self.queue.queue_max, wants_queue=req.queue,
+                               draining=self.draining,
+                               expired=past_deadline(deadline, time.monotonic()))
+        if verdict in REJECTIONS:
+            self.rejected[verdict] += 1
+            raise APIError(429, _REFUSALS[verdict].format(b_p=self.slots.size,
+                                                          q=self.queue.queued),
+                           type="server_error", code=verdict)
+        if verdict == "deadline_exceeded":
+            return self._expired(req)
+        if verdict == "start":
+            return self.run(req, self.queue.acquire(), deadline)
+        return self._queued(req, self.queue.push(deadline), deadline)
 
-    async def run(self, req: PrefillRequest, slot: int) -> AsyncIterator[str]:
-        """SSE body of one admitted request; frees what it holds unless decode took over."""
+    async def _queued(self, req: PrefillRequest, waiter: Waiter,
+                      deadline: float | None) -> AsyncIterator[str]:
+        """Silent until a slot comes up, then the request's run; or `deadline_exceeded`."""
+        slot = await self.queue.wait(waiter)
+        body = self._expired(req) if slot is None else self.run(req, slot, deadline)
+        async with aclosing(body):
+            async for event in body:
+                yield event
+
+    async def _expired(self, req: PrefillRequest) -> AsyncGenerator[str, None]:
+        self.deadline_exceeded += 1
+        yield sse("error", ErrorEvent(
+            message=f"the TTFT budget of {req.request_id} ran out before its prefill started",
+            code="deadline_exceeded"))
+
+    async def run(self, req: PrefillRequest, slot: int,
+                  deadline: float | None = None) -> AsyncGenerator[str, None]:
+        """SSE body of one request holding `slot`; frees what it holds unless decode took over."""
         rid, params = req.request_id, req.sampling.params()
         prompt = list(req.prompt_token_ids)
         outputs = self.rt.engine.stream(
@@ -106,7 +153,9 @@ class PrefillRole:
             except (ValueError, EngineError) as exc:
                 yield sse("error", ErrorEvent(message=str(exc), code="prefill_failed"))
                 return
-            yield sse("first", _first_event(first))
+            late = past_deadline(deadline, time.monotonic())
+            self.late += late
+            yield sse("first", _first_event(first, late))
             if first.finished:
                 return
             parked = True
@@ -190,7 +239,12 @@ class PrefillRole:
             await self.rt.engine.call(release)
         except Exception:
             log.exception("freeing slot %d failed", slot)
-        self.slots.release(slot)
+        self.queue.release(slot)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running, handed off or being freed."""
+        return not (self.slots.busy or self.queue.queued or self._pending or self._tasks)
 
     async def _sweep(self) -> None:
         while True:
@@ -218,15 +272,19 @@ class PrefillRole:
             except Exception as exc:  # noqa: BLE001 - reported
                 leak = f"{type(exc).__name__}: {exc}"
         return {"slots_busy": self.slots.busy, "slots_total": self.slots.size,
+                "queued": self.queue.queued, "queue_max": self.queue.queue_max,
                 "waiting_handoffs": len(self._pending), "decode_peers": self.peers,
-                "rejected": self.rejected, "handoff_timeouts": self.timed_out,
+                "rejected": sum(self.rejected.values()), "rejected_by_code": self.rejected,
+                "deadline_exceeded": self.deadline_exceeded, "late_first_tokens": self.late,
+                "handoff_timeouts": self.timed_out,
                 "dead_decode_peers": self.watch.health.dead(),
                 "handoffs_lost_to_dead_peers": self.lost_to_dead_peers,
                 "kv_leak_check": leak}
 
 
-def _first_event(out: RequestOutput) -> FirstEvent:
+def _first_event(out: RequestOutput, late: bool) -> FirstEvent:
     return FirstEvent(token_id=out.new_token_ids[0], text=out.text_delta,
                       prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
                       finished=out.finished,
-                      finish_reason=out.finish_reason.value if out.finish_reason else None)
+                      finish_reason=out.finish_reason.value if out.finish_reason else None,
+                      late=late)

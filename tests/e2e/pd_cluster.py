@@ -4,7 +4,8 @@ front end (`python -m pd_serve instance|frontend`), each on a free port with its
 Lifecycle:
 1. `PDCluster(tmp, backend, **pd)` writes one config; nothing runs yet;
 2. `start(decodes)` launches one decode per entry of `decodes` (pd overrides of that decode,
-   e.g. a fetch delay), prefill (peered with all of them) and front end, waiting for /health;
+   e.g. a fetch delay), prefill (peered with all of them) and, unless `frontend=False`, the
+   front end, waiting for /health;
 3. `add_decode(port, **pd)` starts one more decode instance; `proc.stop(SIGKILL)` kills one;
 4. `stop()` SIGINTs everything still running.
 """
@@ -101,13 +102,16 @@ class PDCluster:
         self.decodes.append(p)
         return p.wait_healthy()
 
-    def start(self, decodes: Sequence[dict[str, Any]] = ({},)) -> PDCluster:
+    def start(self, decodes: Sequence[dict[str, Any]] = ({},),
+              frontend: bool = True) -> PDCluster:
         for pd in decodes:
             self.add_decode(**pd)
         peers = ",".join(d.url for d in self.decodes)
         self.prefill = Proc("prefill", ["instance", "--role", "prefill", "--decode-peers",
                                         peers, *self._common()],
                             self.tmp / "prefill.log").wait_healthy()
+        if not frontend:
+            return self
         self.frontend = Proc("frontend", ["frontend", "--prefill", self.prefill.url,
                                           *self._common()], self.tmp / "frontend.log")
         self.frontend.wait_healthy()
