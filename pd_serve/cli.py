@@ -203,14 +203,6 @@ def gateway(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
     _or_exit(lambda: run_gateway(cfg, instances, log_level))
 
 
-@app.command(hidden=True)
-def frontend(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
-             port: PortOpt = None, backend: BackendOpt = None, prefill: PrefillOpt = "",
-             log_level: LogOpt = "info") -> None:
-    """Former name of `gateway`."""
-    gateway(config, host, port, backend, prefill, log_level)
-
-
 def _urls(csv: str) -> list[str]:
     return [u.strip().rstrip("/") for u in csv.split(",") if u.strip()]
 

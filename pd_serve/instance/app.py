@@ -40,10 +40,27 @@ from pd_serve.instance.messages import (
     PrefillRequest,
 )
 from pd_serve.instance.prefill import PrefillRole
+from pd_serve.instance.prefill_queue import Ticket
 from pd_serve.instance.runtime import Runtime
 
 M = TypeVar("M", bound=BaseModel)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _TicketedStream(StreamingResponse):
+    """SSE response whose body holds a prefill slot or queue place (a Ticket): if the client
+    leaves before the body starts, the body's own cleanup never runs, so the ticket is
+    abandoned here once the response is over (a no-op when the body claimed it)."""
+
+    def __init__(self, body: AsyncIterator[str], ticket: Ticket) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._ticket = ticket
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._ticket.abandon()
 
 
 class Instance:
@@ -164,8 +181,8 @@ def _routes(app: FastAPI, inst: Instance) -> None:
         role = inst.need_prefill()
         msg = await _parse(request, PrefillRequest)
         _check(lambda: msg.sampling.params())
-        return StreamingResponse(role.offer(msg, arrived), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        body, ticket = role.offer(msg, arrived)
+        return _TicketedStream(body, ticket)
 
     @app.post("/internal/handoff")
     async def handoff(request: Request) -> JSONResponse:

@@ -54,7 +54,7 @@ from pd_serve.instance.messages import (
     sse,
 )
 from pd_serve.instance.peer_watch import PeerWatch
-from pd_serve.instance.prefill_queue import SlotQueue, Waiter
+from pd_serve.instance.prefill_queue import SlotQueue, Ticket, Waiter
 from pd_serve.instance.runtime import Runtime, source_to_json
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,10 @@ class PrefillRole:
         self.peers = list(peers)
         self.watch.health.forget([*peers, *(p.peer for p in self._pending.values())])
 
-    def offer(self, req: PrefillRequest, arrived: float) -> AsyncIterator[str]:
-        """429 APIError, or the SSE body of the offered request (`arrived`: time.monotonic())."""
+    def offer(self, req: PrefillRequest,
+              arrived: float) -> tuple[AsyncIterator[str], Ticket]:
+        """429 APIError, or the SSE body of the offered request (`arrived`: time.monotonic())
+        and the Ticket the caller must `abandon()` once the response is over."""
         deadline = None if req.deadline_s is None else arrived + req.deadline_s
         verdict = decide_offer(free_slots=self.slots.free, queued=self.queue.queued,
                                queue_max=self.queue.queue_max, wants_queue=req.queue,
@@ -119,14 +121,19 @@ class PrefillRole:
                                                           q=self.queue.queued),
                            type="server_error", code=verdict)
         if verdict == "deadline_exceeded":
-            return self._expired(req)
+            return self._expired(req), Ticket()
         if verdict == "start":
-            return self.run(req, self.queue.acquire(), deadline)
-        return self._queued(req, self.queue.push(deadline), deadline)
+            slot = self.queue.acquire()
+            ticket = Ticket(lambda: self._spawn(self._free(slot, None)))
+            return self.run(req, slot, deadline, ticket), ticket
+        waiter = self.queue.push(deadline)
+        ticket = Ticket(lambda: self.queue.abandon(waiter))
+        return self._queued(req, waiter, deadline, ticket), ticket
 
-    async def _queued(self, req: PrefillRequest, waiter: Waiter,
-                      deadline: float | None) -> AsyncIterator[str]:
+    async def _queued(self, req: PrefillRequest, waiter: Waiter, deadline: float | None,
+                      ticket: Ticket) -> AsyncIterator[str]:
         """Silent until a slot comes up, then the request's run; or `deadline_exceeded`."""
+        ticket.claim()  # from here `wait` gives the place (or a handed slot) back itself
         slot = await self.queue.wait(waiter)
         body = self._expired(req) if slot is None else self.run(req, slot, deadline)
         async with aclosing(body):
@@ -139,9 +146,11 @@ class PrefillRole:
             message=f"the TTFT budget of {req.request_id} ran out before its prefill started",
             code="deadline_exceeded"))
 
-    async def run(self, req: PrefillRequest, slot: int,
-                  deadline: float | None = None) -> AsyncGenerator[str, None]:
+    async def run(self, req: PrefillRequest, slot: int, deadline: float | None = None,
+                  ticket: Ticket | None = None) -> AsyncGenerator[str, None]:
         """SSE body of one request holding `slot`; frees what it holds unless decode took over."""
+        if ticket is not None:
+            ticket.claim()  # no await until the `try` below, whose `finally` frees the slot
         rid, params = req.request_id, req.sampling.params()
         prompt = list(req.prompt_token_ids)
         outputs = self.rt.engine.stream(

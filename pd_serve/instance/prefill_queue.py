@@ -83,6 +83,10 @@ class SlotQueue:
             else:
                 waiter.turn.set_result(self.slots.acquire())
 
+    def abandon(self, waiter: Waiter) -> None:
+        """Takes `waiter` out of the queue, or passes on the slot it was already handed."""
+        self._abandon(waiter)
+
     def _abandon(self, waiter: Waiter) -> None:
         if not waiter.turn.done():
             self._waiters.remove(waiter)
@@ -91,3 +95,24 @@ class SlotQueue:
         slot = waiter.turn.result()
         if slot is not None:
             self.release(slot)
+
+
+class Ticket:
+    """What an offered request holds before its SSE body runs: a slot or a queue place.
+
+    A body generator that never starts (the client left before the response began streaming)
+    runs no `finally`, so whoever sends the response calls `abandon()` once it is over; it gives
+    the slot or place back unless the body `claim()`ed it first (then the body frees it).
+    """
+
+    def __init__(self, give_back: Callable[[], None] | None = None) -> None:
+        self._give_back = give_back
+        self.claimed = False
+
+    def claim(self) -> None:
+        self.claimed = True
+
+    def abandon(self) -> None:
+        if not self.claimed and self._give_back is not None:
+            self.claimed = True
+            self._give_back()

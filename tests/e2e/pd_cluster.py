@@ -1,5 +1,5 @@
 """Real P/D processes on loopback for end-to-end tests: decode and prefill instances and the
-front end (`python -m pd_serve instance|frontend`), each on a free port with its own log.
+gateway (`python -m pd_serve instance|gateway`), each on a free port with its own log.
 
 Lifecycle:
 1. `PDCluster(tmp, backend, **pd)` writes one config; nothing runs yet;
@@ -112,7 +112,7 @@ class PDCluster:
                             self.tmp / "prefill.log").wait_healthy()
         if not frontend:
             return self
-        self.frontend = Proc("frontend", ["frontend", "--prefill", self.prefill.url,
+        self.frontend = Proc("gateway", ["gateway", "--prefill", self.prefill.url,
                                           *self._common()], self.tmp / "frontend.log")
         self.frontend.wait_healthy()
         return self
