@@ -101,7 +101,8 @@ class Forwarder:
         await response.aclose()
         if response.status_code == 429:
             self.rejections += 1
-            self._rejected(state, attempt, tl, url, "all slots busy")
+            self._rejected(state, attempt, tl, url, _REJECT_REASONS.get(
+                _error_code(response) or "", "all slots busy"))
             return None
         if response.status_code == 409:
             self._rejected(state, attempt, tl, url, "not a prefill instance")
@@ -112,6 +113,19 @@ class Forwarder:
                   reason: str) -> None:
         pol.note_reject(state, attempt, url, reason)
         tl.offer(self.clock(), url, reason)
+
+
+_REJECT_REASONS = {"no_free_slot": "all slots busy", "queue_full": "local queue full",
+                   "draining": "draining"}
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """The `code` of an OpenAI-style error body, if it has one."""
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _relayed_error(response: httpx.Response) -> APIError:
