@@ -1,0 +1,1 @@
+"""Benchmark clients' building blocks: trace loading, scaling and prompt synthesis."""
