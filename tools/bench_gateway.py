@@ -280,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     ap.add_argument("--load-a", type=float, default=None, help="fix A (req/s): no calibration")
-    ap.add_argument("--ladder", type=_floats, default=_floats("1,1.5,2,3,4,6,8,12"))
+    ap.add_argument("--ladder", type=_floats, default=_floats("2,3,4,6,8,12,16,24"))
     ap.add_argument("--calib-success", type=float, default=0.99)
     ap.add_argument("--multipliers", type=_floats, default=_floats("1,1.25,1.5,2,3,4,5"))
     ap.add_argument("--cooldown-s", type=float, default=1.0)
