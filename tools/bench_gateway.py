@@ -224,6 +224,9 @@ class Runner:
         if best is None:
             print("warning: fifo misses the SLO even at the lowest ladder rate", file=sys.stderr)
             best = self.args.ladder[0]
+        elif best == self.args.ladder[-1]:
+            print("warning: fifo met the SLO at the top of the ladder; A is a lower bound",
+                  file=sys.stderr)
         return best, seen
 
 
