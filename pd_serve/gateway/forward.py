@@ -67,19 +67,24 @@ class Forwarder:
         state = self.states[sc.name]
         assert tl.deadline is not None
         attempt = pol.Attempt(tl.arrival, tl.deadline)
-        while True:
-            decision = pol.decide(sc.policy, state, attempt, self.clock(), self.retry_interval_s)
-            if isinstance(decision, pol.Terminate):
-                raise APIError(503, decision.reason, type=SERVER_ERROR,
-                               code="ttft_deadline_exceeded")
-            if isinstance(decision, pol.Wait):
-                await asyncio.sleep(decision.seconds)
-                pol.note_wait(attempt)
-                continue
-            pol.note_offer(sc.policy, state, attempt, decision.instance)
-            stream = await self._offer(decision, body, state, attempt, tl)
-            if stream is not None:
-                return stream
+        pol.join(state, attempt)
+        try:
+            while True:
+                decision = pol.decide(sc.policy, state, attempt, self.clock(),
+                                      self.retry_interval_s)
+                if isinstance(decision, pol.Terminate):
+                    raise APIError(503, decision.reason, type=SERVER_ERROR,
+                                   code="ttft_deadline_exceeded")
+                if isinstance(decision, pol.Wait):
+                    await asyncio.sleep(decision.seconds)
+                    pol.note_wait(attempt)
+                    continue
+                pol.note_offer(sc.policy, state, attempt, decision.instance)
+                stream = await self._offer(decision, body, state, attempt, tl)
+                if stream is not None:
+                    return stream
+        finally:
+            pol.note_done(state, attempt)  # accepted, terminated or cancelled: leave the line
 
     async def _offer(self, offer: pol.Offer, body: dict[str, Any], state: pol.RouterState,
                      attempt: pol.Attempt, tl: Timeline) -> PrefillStream | None:

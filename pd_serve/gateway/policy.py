@@ -8,7 +8,13 @@ Lifecycle of one request against a scenario's `RouterState`:
    `Terminate` (the TTFT deadline passed with no acceptance);
 3. the offer's answer: `note_accept` (the instance holds one more open stream and becomes the
    batch-forwarding target) or `note_reject` (recorded; the target is dropped if it rejected);
-4. when the instance's stream closes, `note_close`; `first_token_in_slo` judges the first token.
+4. when the instance's stream closes, `note_close`; `first_token_in_slo` judges the first token;
+5. `note_done` once the request stops forwarding (accepted, terminated or cancelled).
+
+Waiting line (forwarding): requests that found every instance busy wait at the gateway in
+arrival order. Only the head of the line retries; a newer request joins the line's tail instead
+of offering while anyone is waiting, so a freed slot goes to the oldest waiting request, as a
+prefill-local FIFO would give it, without any request waiting inside a prefill instance.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class RouterState:
     open_streams: dict[str, int] = field(default_factory=dict)
     target: str | None = None
     rr_cursor: int = 0
+    waiting: list[int] = field(default_factory=list)  # ids of attempts in line, oldest first
+    next_id: int = 0
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -47,6 +55,7 @@ class Attempt:
     tried: list[str] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
     accepted: str | None = None
+    id: int = -1  # set by `join` (the gateway's arrival order), -1 until then
 
     @classmethod
     def start(cls, arrival: float, deadline_s: float) -> Attempt:
@@ -106,14 +115,30 @@ def candidates(policy: str, state: RouterState) -> list[str]:
     return ranked
 
 
+def join(state: RouterState, attempt: Attempt) -> None:
+    """Numbers a newly arrived attempt in arrival order (call once, before `decide`)."""
+    attempt.id = state.next_id
+    state.next_id += 1
+
+
 def decide(policy: str, state: RouterState, attempt: Attempt, now: float,
            retry_interval_s: float) -> Decision:
     """The next step for `attempt` at time `now` (checked against the deadline first)."""
     if now >= attempt.deadline:
         return Terminate(_reason(attempt, now))
+    if policy == FORWARDING and state.waiting and state.waiting[0] != attempt.id:
+        if attempt.id not in state.waiting:
+            state.waiting.append(attempt.id)  # others are waiting: no overtaking
+        return _wait_or_end(attempt, now, retry_interval_s)
     untried = [c for c in candidates(policy, state) if c not in attempt.tried]
     if untried:
         return Offer(untried[0], policy != FORWARDING, attempt.deadline - now)
+    if policy == FORWARDING and attempt.id not in state.waiting:
+        state.waiting.append(attempt.id)  # a whole round rejected: wait in line
+    return _wait_or_end(attempt, now, retry_interval_s)
+
+
+def _wait_or_end(attempt: Attempt, now: float, retry_interval_s: float) -> Decision:
     if now + retry_interval_s >= attempt.deadline:
         return Terminate(_reason(attempt, now))
     return Wait(retry_interval_s)
@@ -122,7 +147,8 @@ def decide(policy: str, state: RouterState, attempt: Attempt, now: float,
 def _reason(attempt: Attempt, now: float) -> str:
     waited = now - attempt.arrival
     if not attempt.rejections:
-        return f"TTFT deadline passed after {waited:.3f} s before any prefill instance was offered"
+        return (f"TTFT deadline passed after {waited:.3f} s waiting at the gateway behind "
+                "earlier requests (every prefill slot busy); no instance was offered it")
     seen: dict[str, str] = {}
     for inst, why in attempt.rejections:
         seen[inst] = why
@@ -153,6 +179,12 @@ def note_reject(state: RouterState, attempt: Attempt, instance: str, reason: str
 def note_wait(attempt: Attempt) -> None:
     """A Wait was slept: the next round may offer every instance again."""
     attempt.tried.clear()
+
+
+def note_done(state: RouterState, attempt: Attempt) -> None:
+    """The attempt stopped forwarding (accepted, terminated or cancelled): it leaves the line."""
+    if attempt.id in state.waiting:
+        state.waiting.remove(attempt.id)
 
 
 def note_close(state: RouterState, instance: str) -> None:

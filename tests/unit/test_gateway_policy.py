@@ -103,7 +103,58 @@ def test_deadline_termination(now: float, retry: float, kind: type) -> None:
 
 def test_deadline_checked_before_the_first_offer() -> None:
     d = pol.decide(pol.FORWARDING, state(), Attempt.start(0.0, 0.5), 0.6, 0.1)
-    assert isinstance(d, Terminate) and "before any prefill instance" in d.reason
+    assert isinstance(d, Terminate) and "no instance was offered it" in d.reason
+
+
+def _arrive(st: RouterState, arrival: float, deadline_s: float = 10.0) -> Attempt:
+    att = Attempt.start(arrival, deadline_s)
+    pol.join(st, att)
+    return att
+
+
+def _reject_round(st: RouterState, att: Attempt, now: float) -> pol.Decision:
+    """Offers until the policy stops offering; every offer is rejected."""
+    d = pol.decide(pol.FORWARDING, st, att, now, 0.02)
+    while isinstance(d, Offer):
+        pol.note_offer(pol.FORWARDING, st, att, d.instance)
+        pol.note_reject(st, att, d.instance, "all slots busy")
+        d = pol.decide(pol.FORWARDING, st, att, now, 0.02)
+    return d
+
+
+def test_waiting_line_keeps_arrival_order() -> None:
+    st = state()
+    old, new = _arrive(st, 0.0), _arrive(st, 0.1)
+    assert isinstance(_reject_round(st, old, 0.0), Wait) and st.waiting == [old.id]
+    # A newer request does not offer (and cannot overtake) while an older one waits.
+    assert isinstance(pol.decide(pol.FORWARDING, st, new, 0.1, 0.02), Wait)
+    assert st.waiting == [old.id, new.id]
+    pol.note_wait(old)
+    first = pol.decide(pol.FORWARDING, st, old, 0.2, 0.02)  # the head retries
+    assert isinstance(first, Offer)
+    pol.note_offer(pol.FORWARDING, st, old, first.instance)
+    pol.note_accept(st, old, first.instance)
+    pol.note_done(st, old)
+    assert st.waiting == [new.id]
+    assert isinstance(pol.decide(pol.FORWARDING, st, new, 0.2, 0.02), Offer)
+
+
+def test_request_waiting_in_line_ends_at_its_deadline() -> None:
+    st = state()
+    old, new = _arrive(st, 0.0), _arrive(st, 0.0, deadline_s=0.5)
+    _reject_round(st, old, 0.0)
+    pol.decide(pol.FORWARDING, st, new, 0.1, 0.02)
+    d = pol.decide(pol.FORWARDING, st, new, 0.6, 0.02)
+    assert isinstance(d, Terminate) and "waiting at the gateway" in d.reason
+    pol.note_done(st, new)
+    assert st.waiting == [old.id]
+
+
+def test_baselines_have_no_gateway_line() -> None:
+    st = state()
+    old, new = _arrive(st, 0.0), _arrive(st, 0.0)
+    st.waiting.append(old.id)  # even with a line recorded, fifo offers at once
+    assert isinstance(pol.decide(pol.FIFO, st, new, 0.0, 0.02), Offer)
 
 
 def test_round_robin_cycles_regardless_of_load() -> None:
