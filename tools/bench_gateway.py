@@ -292,6 +292,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _portable(path: Path) -> str:
+    """`path` as recorded in results: relative to the checkout's parent (where shared/ lives)
+    when inside it, else its name, so no machine-specific prefix is written."""
+    base = Path(__file__).resolve().parents[2]
+    try:
+        return str(path.resolve().relative_to(base))
+    except ValueError:
+        return path.name
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t_start = time.time()
@@ -326,12 +336,12 @@ def main(argv: list[str] | None = None) -> None:
             dep.stop()
     print(table(points, load_a))
     result = {
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": " ".join(["python", *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "duration_s": time.time() - t_start,
-        "machine": {"node": platform.node(), "platform": platform.platform(),
+        "machine": {"platform": platform.platform(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v)
+        "settings": {**{k: (_portable(v) if isinstance(v, Path) else v)
                         for k, v in vars(args).items()},
                      "scale_factor": report.factor, "inputs_cut": report.capped_input,
                      "outputs_capped": report.capped_output,
