@@ -16,11 +16,10 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import (
@@ -29,36 +28,32 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pd_serve.api import generation as gen
 from pd_serve.api.errors import (
-    APIError,
-    bad_request,
-    from_validation_errors,
     install_error_handlers,
-    invalid_api_key,
-    model_not_found,
-    parse_json,
+)
+from pd_serve.api.http import (
+    SSE_HEADERS,
+    models_router,
+    parse_body,
+    require_api_key,
+    until_disconnect,
 )
 from pd_serve.api.prepare import Limits, Prepared, prepare_chat, prepare_completion
 from pd_serve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    ModelCard,
-    ModelList,
 )
 from pd_serve.api.protocol import new_id as _new_id
 from pd_serve.config import ServeConfig
 from pd_serve.engine.async_engine import AsyncEngine
 from pd_serve.models.tokenizer import Tokenizer
 
-M = TypeVar("M", bound=BaseModel)
-T = TypeVar("T")
 KNOWN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
                          "/stats", "/metrics"})
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
@@ -83,11 +78,11 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServeConfig) -> Fa
 
 def _openai_router(engine: AsyncEngine, tok: Tokenizer, limits: Limits,
                    api_keys: tuple[str, ...]) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(_auth(api_keys))])
+    router = APIRouter(dependencies=[Depends(require_api_key(api_keys))])
 
     @router.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        req = await _parse(request, CompletionRequest)
+        req = await parse_body(request, CompletionRequest)
         prep = prepare_completion(req, tok, limits)
         return await _respond(request, engine, _new_id("cmpl"), limits.model_name, prep,
                               bool(req.stream), req.include_usage, gen.complete_text,
@@ -95,22 +90,13 @@ def _openai_router(engine: AsyncEngine, tok: Tokenizer, limits: Limits,
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        req = await _parse(request, ChatCompletionRequest)
+        req = await parse_body(request, ChatCompletionRequest)
         prep = prepare_chat(req, tok, limits)
         return await _respond(request, engine, _new_id("chatcmpl"), limits.model_name, prep,
                               bool(req.stream), req.include_usage, gen.complete_chat,
                               gen.stream_chat)
 
-    @router.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=limits.model_name, max_model_len=limits.max_model_len)])
-
-    @router.get("/v1/models/{model:path}")
-    async def model(model: str) -> ModelCard:
-        if model != limits.model_name:
-            raise model_not_found(model)
-        return ModelCard(id=model, max_model_len=limits.max_model_len)
-
+    router.include_router(models_router(limits))
     return router
 
 
@@ -155,65 +141,19 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-def _auth(api_keys: tuple[str, ...]) -> Callable[[Request], Awaitable[None]]:
-    """Bearer-token check; with no keys configured every request passes."""
-    keys = [k.encode() for k in api_keys]
-
-    async def check(request: Request) -> None:
-        if not keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
-            raise invalid_api_key()
-
-    return check
-
-
-async def _parse(request: Request, model: type[M]) -> M:
-    data = parse_json(await request.body())
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_errors(list(exc.errors())) from exc
-
-
 async def _respond(request: Request, engine: AsyncEngine, request_id: str, model: str,
                    prep: Prepared, stream: bool, include_usage: bool,
                    complete: Callable[[gen.Run], Awaitable[BaseModel]],
                    streamer: Callable[[gen.Run, bool], AsyncIterator[str]]) -> Response:
-    run = await _until_disconnect(request, gen.admit(engine, request_id, model, prep))
+    run = await until_disconnect(request, gen.admit(engine, request_id, model, prep))
     if stream:
         return StreamingResponse(streamer(run, include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     try:
-        body = await _until_disconnect(request, complete(run))
+        body = await until_disconnect(request, complete(run))
     finally:
         await run.close()
     return JSONResponse(body.model_dump(mode="json"))
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Awaits `work`, cancelling it (which aborts its request) if the client goes away."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise APIError(499, "client disconnected", code="client_disconnected")
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _prometheus(stats: dict[str, Any], responses: Counter[tuple[str, int]]) -> str:

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -121,14 +121,22 @@ class AsyncEngine:
 
     # -- callers (event loop) ----------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def generate(self, request_id: str, prompt_token_ids: list[int],
+                 params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
         """Yields the request's incremental outputs; the last has `finished` set.
 
         Raises ValueError if the engine rejects the request (bad input, prompt over the
         context, duplicate id), EngineError if it fails while running. Closing or cancelling
         the iterator early aborts the request in the engine.
         """
+        return self._open_stream(request_id, "add", (list(prompt_token_ids), params),
+                                 lambda out: out.finished)
+
+    async def _open_stream(self, request_id: str, kind: str, payload: Any,
+                           is_last: Callable[[RequestOutput], bool],
+                           ) -> AsyncGenerator[RequestOutput, None]:
+        """Registers a stream for `request_id`, queues the engine command that adds it and
+        yields its outputs up to the one `is_last` accepts; leaving earlier aborts it."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -136,20 +144,23 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-            self._commands.append(("add", request_id, (list(prompt_token_ids), params)))
+            self._commands.append((kind, request_id, payload))
             self._cond.notify()
-        finished = False
+        done = False
         try:
-            while not finished:
+            while not done:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
-                    finished = True
+                    done = True
                     raise item
-                finished = item.finished
+                done = is_last(item)
                 yield item
         finally:
-            if not finished:
+            if not done:
                 self._abort(request_id)
+            else:
+                with self._cond:  # e.g. a parked hand-off: nobody listens any more
+                    self._streams.pop(request_id, None)
 
     def health(self) -> dict[str, Any]:
         """Liveness of the engine thread and of its recent steps; `ok` False means unhealthy."""

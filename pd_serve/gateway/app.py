@@ -19,25 +19,27 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from pd_serve.api import generation as gen
 from pd_serve.api.errors import (
     APIError,
-    bad_request,
-    from_validation_errors,
     install_error_handlers,
-    model_not_found,
-    parse_json,
+)
+from pd_serve.api.http import (
+    SSE_HEADERS,
+    models_router,
+    read_object,
+    require_api_key,
+    until_disconnect,
+    validate,
 )
 from pd_serve.api.prepare import Limits, Prepared, prepare_chat, prepare_completion
-from pd_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pd_serve.api.protocol import ChatCompletionRequest, CompletionRequest
 from pd_serve.api.protocol import new_id as _new_id
-from pd_serve.api.server import SSE_HEADERS, _auth, _until_disconnect
 from pd_serve.config import ServeConfig
 from pd_serve.gateway.forward import Forwarder
 from pd_serve.gateway.metrics import GatewayMetrics
@@ -48,7 +50,6 @@ from pd_serve.gateway.scenarios import Scenario, build_scenarios, scenario_of
 from pd_serve.gateway.timeline import CANCELLED, FAILED, TERMINATED, Timeline, TimelineRing
 from pd_serve.models.tokenizer import Tokenizer
 
-M = TypeVar("M", bound=BaseModel)
 Shaper = Callable[[gen.Run], Awaitable[BaseModel]]
 Streamer = Callable[[gen.Run, bool], AsyncIterator[str]]
 
@@ -92,13 +93,14 @@ def build_gateway_app(cfg: ServeConfig, tok: Tokenizer, max_model_len: int,
 
 
 def _openai_router(gw: Gateway, api_keys: tuple[str, ...]) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(_auth(api_keys))])
+    router = APIRouter(dependencies=[Depends(require_api_key(api_keys))])
     limits = gw.limits
 
     @router.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
-        data, req = await _parse(request, CompletionRequest)
+        data = await read_object(request)
+        req = validate(CompletionRequest, data)
         sc = scenario_of(request.headers, data, gw.default, gw.scenarios)
         prep = prepare_completion(req, gw.tok, limits)
         return await _respond(request, gw, sc, arrival, _new_id("cmpl"), prep, bool(req.stream),
@@ -107,34 +109,16 @@ def _openai_router(gw: Gateway, api_keys: tuple[str, ...]) -> APIRouter:
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
-        data, req = await _parse(request, ChatCompletionRequest)
+        data = await read_object(request)
+        req = validate(ChatCompletionRequest, data)
         sc = scenario_of(request.headers, data, gw.default, gw.scenarios)
         prep = prepare_chat(req, gw.tok, limits)
         return await _respond(request, gw, sc, arrival, _new_id("chatcmpl"), prep,
                               bool(req.stream), req.include_usage, gen.complete_chat,
                               gen.stream_chat)
 
-    @router.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=limits.model_name, max_model_len=limits.max_model_len)])
-
-    @router.get("/v1/models/{model:path}")
-    async def model(model: str) -> ModelCard:
-        if model != limits.model_name:
-            raise model_not_found(model)
-        return ModelCard(id=model, max_model_len=limits.max_model_len)
-
+    router.include_router(models_router(limits))
     return router
-
-
-async def _parse(request: Request, model: type[M]) -> tuple[dict[str, Any], M]:
-    data = parse_json(await request.body())
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    try:
-        return data, model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_errors(list(exc.errors())) from exc
 
 
 async def _respond(request: Request, gw: Gateway, sc: Scenario, arrival: float, request_id: str,
@@ -144,7 +128,7 @@ async def _respond(request: Request, gw: Gateway, sc: Scenario, arrival: float, 
     tl = Timeline(request_id, sc.name, arrival, n, arrival + ttft_deadline(sc.ttft_slo, n))
     gw.ring.add(tl)
     try:
-        run = await _until_disconnect(request, admit_remote(
+        run = await until_disconnect(request, admit_remote(
             gw.fwd, sc, request_id, gw.limits.model_name, prep, tl, gw.ended))
     except APIError as exc:
         if tl.outcome is None:
@@ -157,7 +141,7 @@ async def _respond(request: Request, gw: Gateway, sc: Scenario, arrival: float, 
         return StreamingResponse(streamer(run, include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     try:
-        body = await _until_disconnect(request, complete(run))
+        body = await until_disconnect(request, complete(run))
     finally:
         await run.close()
     return JSONResponse(body.model_dump(mode="json"))

@@ -17,19 +17,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
 
 from pd_serve.api.errors import (
     APIError,
     bad_request,
-    from_validation_errors,
     install_error_handlers,
-    parse_json,
 )
+from pd_serve.api.http import SSE_HEADERS, parse_body
 from pd_serve.config import ServeConfig
 from pd_serve.instance.decode import DecodeRole
 from pd_serve.instance.messages import (
@@ -42,9 +40,6 @@ from pd_serve.instance.messages import (
 from pd_serve.instance.prefill import PrefillRole
 from pd_serve.instance.prefill_queue import Ticket
 from pd_serve.instance.runtime import Runtime
-
-M = TypeVar("M", bound=BaseModel)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _TicketedStream(StreamingResponse):
@@ -173,20 +168,20 @@ def _routes(app: FastAPI, inst: Instance) -> None:
 
     @app.post("/internal/assign")
     async def assign(request: Request) -> dict[str, Any]:
-        return await inst.assign(await _parse(request, AssignRequest))
+        return await inst.assign(await parse_body(request, AssignRequest))
 
     @app.post("/internal/prefill", response_model=None)
     async def prefill(request: Request) -> StreamingResponse:
         arrived = time.monotonic()  # deadline_s counts from here
         role = inst.need_prefill()
-        msg = await _parse(request, PrefillRequest)
+        msg = await parse_body(request, PrefillRequest)
         _check(lambda: msg.sampling.params())
         body, ticket = role.offer(msg, arrived)
         return _TicketedStream(body, ticket)
 
     @app.post("/internal/handoff")
     async def handoff(request: Request) -> JSONResponse:
-        queued = inst.need_decode().accept(await _parse(request, HandoffRequest))
+        queued = inst.need_decode().accept(await parse_body(request, HandoffRequest))
         return JSONResponse({"queued": queued}, status_code=202)
 
     @app.post("/internal/drain")
@@ -199,7 +194,8 @@ def _routes(app: FastAPI, inst: Instance) -> None:
 
     @app.post("/internal/handoff_done")
     async def handoff_done(request: Request) -> dict[str, bool]:
-        return {"released": inst.need_prefill().handoff_done(await _parse(request, HandoffDone))}
+        msg = await parse_body(request, HandoffDone)
+        return {"released": inst.need_prefill().handoff_done(msg)}
 
     @app.get("/internal/stream/{request_id}", response_model=None)
     async def stream(request_id: str) -> StreamingResponse:
@@ -208,7 +204,7 @@ def _routes(app: FastAPI, inst: Instance) -> None:
 
     @app.post("/internal/abort")
     async def abort(request: Request) -> dict[str, bool]:
-        msg = await _parse(request, AbortRequest)
+        msg = await parse_body(request, AbortRequest)
         if inst.decode is not None:
             return {"aborted": inst.decode.abort(msg.request_id)}
         if inst.runtime is not None:
@@ -221,13 +217,5 @@ def _check(fn: Callable[[], Any]) -> None:
         fn()
     except ValueError as exc:
         raise bad_request(str(exc), param="sampling") from exc
-
-
-async def _parse(request: Request, model: type[M]) -> M:
-    data = parse_json(await request.body())
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_errors(list(exc.errors())) from exc
 
 

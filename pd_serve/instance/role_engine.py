@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
-from pd_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineError, _Stream
+from pd_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineError
 from pd_serve.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -41,33 +41,11 @@ class RoleEngine(AsyncEngine):
             self._cond.notify()
         return await fut
 
-    async def stream(self, request_id: str, add: Adder) -> AsyncGenerator[RequestOutput, None]:
+    def stream(self, request_id: str, add: Adder) -> AsyncGenerator[RequestOutput, None]:
         """Like `generate`, but the request is added by `add(engine)` on the engine thread.
         Ends after a finished or hand-off-ready output; closing early aborts the request."""
-        if not self.alive:
-            raise EngineDeadError("the engine is not running")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._cond:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = stream
-            self._commands.append(("add_fn", request_id, add))
-            self._cond.notify()
-        done = False
-        try:
-            while not done:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                done = item.finished or handoff_ready(item)
-                yield item
-        finally:
-            if not done:
-                self._abort(request_id)
-            else:
-                with self._cond:  # a parked hand-off has no listener any more
-                    self._streams.pop(request_id, None)
+        return self._open_stream(request_id, "add_fn", add,
+                                 lambda out: out.finished or handoff_ready(out))
 
     def abort_request(self, request_id: str) -> None:
         """Aborts a request whatever its state (parked hand-offs included); idempotent."""

@@ -277,10 +277,6 @@ def cann_ext_unavailable_reason() -> str | None:
         return f"cann_ext endpoint cannot be created: {exc}"
     try:
         transport.conn_id()
-        missing = [m for m in ("connect", "import_", "export", "post", "wait")
-                   if not hasattr(transport._ep, m)]
-        if missing:
-            return f"pd_serve/kv/cann_ext.py lacks Endpoint.{', '.join(missing)}"
     except TransportError as exc:
         return f"cann_ext host TCP transport is not built: {exc}"
     finally:
