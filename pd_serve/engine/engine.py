@@ -45,6 +45,9 @@ class EngineStats:
     num_preemptions: int
     num_handoff: int = 0  # prefill role: parked requests holding blocks for their hand-off
     num_reserved: int = 0  # decode role: hand-off reservations holding blocks
+    num_blocks: int = 0  # KV blocks of the cache (free, cached or held)
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
+    prefix_hit_tokens: int = 0  # of those, tokens found cached
 
 
 class LLMEngine(HandoffMixin):
@@ -238,7 +241,8 @@ class LLMEngine(HandoffMixin):
             num_free_blocks=bm.num_free_blocks, num_cached_blocks=bm.num_cached_blocks,
             cache_usage=bm.usage, prefix_hit_rate=bm.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, num_handoff=len(self._parked),
-            num_reserved=len(self._reserved))
+            num_reserved=len(self._reserved), num_blocks=bm.num_blocks,
+            prefix_query_tokens=bm.prefix_query_tokens, prefix_hit_tokens=bm.prefix_hit_tokens)
 
     def leak_check(self) -> None:
         """AssertionError unless exactly the running requests, parked requests and hand-off

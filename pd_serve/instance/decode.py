@@ -32,6 +32,7 @@ from pd_serve.api.errors import APIError
 from pd_serve.config import PDConfig
 from pd_serve.engine.outputs import RequestOutput
 from pd_serve.instance.messages import DeltaEvent, ErrorEvent, HandoffDone, HandoffRequest, sse
+from pd_serve.instance.metrics import DecodeEvents
 from pd_serve.instance.runtime import Runtime, source_from_json
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class _Stream:
     def __init__(self, deadline: float) -> None:
         self.events: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()  # (sse text, terminal)
         self.deadline = deadline
+        self.arrived = time.monotonic()
         self.attached = False
         self.cancelled = False
         self.pump: asyncio.Task[None] | None = None
@@ -66,6 +68,7 @@ class DecodeRole:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=10.0)
         self.failed = 0
+        self.events = DecodeEvents()
         self.draining = False
 
     def start(self) -> None:
@@ -109,6 +112,7 @@ class DecodeRole:
                     table = await self.rt.engine.call(partial(_reserve, rid=rid, n=n))
                 except Exception as exc:  # noqa: BLE001 - can never fit, or engine down
                     self._queue.popleft()
+                    self.events.handoff_failed("reserve_failed")
                     await self._fail(msg, f"cannot reserve KV blocks: {exc}")
                     continue
                 if table is None:
@@ -131,10 +135,13 @@ class DecodeRole:
                 await self.rt.engine.call(lambda _e: runner.write_kv(table, kv))
         except Exception as exc:  # noqa: BLE001 - HandoffError and transport failures
             await self._cancel_reservation(rid)
+            self.events.handoff_failed("fetch_failed")
             await self._fail(msg, f"KV fetch failed: {exc}")
             return
         finally:
             self._fetching -= 1
+        arrived = self._streams[rid].arrived if rid in self._streams else None
+        self.events.handoff_done(source.layout.total_bytes, arrived)
         await self._done(msg, True, None)
         stream = self._streams.get(rid)
         if stream is None or stream.cancelled:
@@ -151,6 +158,7 @@ class DecodeRole:
     async def _pump(self, rid: str, stream: _Stream, outputs: AsyncIterator[RequestOutput]) -> None:
         try:
             async for out in outputs:
+                self.events.decode_tokens += len(out.new_token_ids)
                 stream.put(sse("delta", _delta(out)), terminal=out.finished)
         except asyncio.CancelledError:
             stream.fail("the request was cancelled", "cancelled")

@@ -53,6 +53,7 @@ from pd_serve.instance.messages import (
     PrefillRequest,
     sse,
 )
+from pd_serve.instance.metrics import PrefillEvents
 from pd_serve.instance.peer_watch import PeerWatch
 from pd_serve.instance.prefill_queue import SlotQueue, Ticket, Waiter
 from pd_serve.instance.runtime import Runtime, source_to_json
@@ -85,6 +86,7 @@ class PrefillRole:
         self._http = httpx.AsyncClient(timeout=10.0)
         self._sweeper: asyncio.Task[None] | None = None
         self.rejected = dict.fromkeys(REJECTIONS, 0)
+        self.events = PrefillEvents()
         self.deadline_exceeded = 0
         self.late = 0
         self.timed_out = 0
@@ -152,6 +154,7 @@ class PrefillRole:
         if ticket is not None:
             ticket.claim()  # no await until the `try` below, whose `finally` frees the slot
         rid, params = req.request_id, req.sampling.params()
+        started = time.monotonic()
         prompt = list(req.prompt_token_ids)
         outputs = self.rt.engine.stream(
             rid, lambda e: e.add_request(rid, prompt, params, prefill_only=True))
@@ -162,6 +165,7 @@ class PrefillRole:
             except (ValueError, EngineError) as exc:
                 yield sse("error", ErrorEvent(message=str(exc), code="prefill_failed"))
                 return
+            self.events.prefill_seconds.observe(time.monotonic() - started)
             late = past_deadline(deadline, time.monotonic())
             self.late += late
             yield sse("first", _first_event(first, late))
@@ -174,6 +178,7 @@ class PrefillRole:
                 peer = await self._offer(req, first.new_token_ids[0], source)
             except Exception as exc:  # noqa: BLE001 - becomes the stream's error event
                 log.warning("hand-off of %s failed: %s", rid, exc)
+                self.events.handoff_failed("stage_failed" if parked else "not_accepted")
                 yield sse("error", ErrorEvent(message=f"hand-off failed: {exc}",
                                               code="handoff_failed"))
                 return
