@@ -1,6 +1,7 @@
 """Gateway metrics per scenario, aggregated from finished request timelines: TTFT, TPOT, E2E,
 TTFT-SLO success rate, rejections per request, terminations; as JSON (`/stats`, percentiles
-over a bounded window of recent samples) and in Prometheus text format (`/metrics`).
+over a bounded window of recent samples) and in Prometheus text format (`/metrics`; names in
+docs/metrics.md).
 
 Lifecycle: `GatewayMetrics(scenarios, max_samples)` at start; `record(timeline)` once per
 finished request; `snapshot()` and `prometheus()` at any time.
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 
 from pd_serve.gateway.timeline import TERMINATED, Timeline
@@ -87,6 +88,9 @@ class GatewayMetrics:
                                       ["scenario", "outcome"], registry=r)
         self.p_slo = PromCounter("pd_gateway_ttft_slo", "Requests judged against their TTFT "
                                  "deadline", ["scenario", "met"], registry=r)
+        self.p_slo_rate = Gauge("pd_gateway_ttft_slo_success_rate", "Share of judged requests "
+                                "that met their TTFT deadline since start", ["scenario"],
+                                registry=r)
         self.p_rejects = Histogram("pd_gateway_rejections_per_request", "Prefill rejections "
                                    "per request", ["scenario"], buckets=REJECT_BUCKETS, registry=r)
         self.p_lat = {name: Histogram(f"pd_gateway_{name}_seconds", help_, ["scenario"],
@@ -105,6 +109,7 @@ class GatewayMetrics:
         slo = tl.in_slo()
         if slo is not None and tl.outcome != "cancelled":
             self.p_slo.labels(tl.scenario, str(slo).lower()).inc()
+            self.p_slo_rate.labels(tl.scenario).set(st.slo_met / st.slo_judged)
         for name, value in (("ttft", tl.ttft()), ("tpot", tl.tpot()), ("e2e", tl.e2e())):
             if value is not None:
                 self.p_lat[name].labels(tl.scenario).observe(value)

@@ -77,6 +77,9 @@ def test_prometheus_export_per_scenario() -> None:
     assert 'pd_gateway_ttft_seconds_count{scenario="b"} 1.0' in text
     assert 'pd_gateway_requests_total{outcome="finished",scenario="b"} 1.0' in text
     assert 'pd_gateway_ttft_slo_total{met="true",scenario="b"} 1.0' in text
+    assert 'pd_gateway_ttft_slo_success_rate{scenario="b"} 1.0' in text
+    m.record(finished("late", 1.5, 0, 3, scenario="b"))
+    assert 'pd_gateway_ttft_slo_success_rate{scenario="b"} 0.5' in m.prometheus().decode()
 
 
 def test_ring_keeps_latest() -> None:
