@@ -1,0 +1,235 @@
+"""Measures a scenario's `ScenarioProfile` on a live deployment through its gateway (OpenAI
+API, streaming, token-id prompts so lengths are exact), for the planner (papers.md §1.4:
+"T_p, T_d, b_p and b_d come from profiling a prompt pattern in advance").
+
+Method (all requests use `ignore_eos`, temperature 0 and prompts of random token ids that share
+nothing unless stated, so no prefix-cache hit helps them):
+1. warm-up: one full request (first compilations, connections); discarded;
+2. T_p: for each prefill batch b, `repeats` bursts of b requests sent at once with
+   `max_tokens=1` (prefill only: no hand-off, no decode load). The gateway spreads requests
+   as its policy says, so the batch is not assumed: each request's timeline names the prefill
+   instance that accepted it, and its *effective batch* is the time-averaged number of the
+   burst's requests in prefill on that instance during its own prefill (acceptance to first
+   token). `ttft_by_batch[k]` is the mean TTFT (gateway arrival to first token) of requests
+   whose effective batch rounds to k. Under the default `forwarding` policy a burst of
+   b <= b_p lands on one instance (batch forwarding), so k = b; policies that spread a burst
+   give smaller k, so profile those with one prefill instance in the scenario;
+3. TPOT and xi: for each decode batch b, one burst of b * `decode_instances` requests with
+   `output_tokens` each (decode picks the least busy decode instance, so the burst spreads
+   over the group). A request's TPOT is its decode span (first to last decode delta) over
+   the tokens in it, keyed by its effective batch on its decode instance (as in 2). xi is the
+   gap from the first token to the first decode delta minus the decode steps in it, averaged
+   over the smallest decode batch;
+4. r_pre (only when `prefix_tokens` > 0): one burst of prompts sharing a `prefix_tokens`
+   prefix warms it, then the bursts of 2 are repeated with such prompts; r_pre = mean over
+   them of TTFT / cold TTFT at the same effective batch, capped at 1. This is the benefit
+   this deployment gives the scenario's prompts, its cache hit rate included;
+5. G = mean completion tokens - 1 (the first comes from prefill).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+from pd_serve.orchestrator.perf_model import ScenarioProfile, interpolate
+from pd_serve.orchestrator.profile_client import GatewayProbe, ProfileError, Sample
+
+__all__ = ["Probe", "ProfileError", "ProfileWorkload", "default_batches",
+           "effective_batches", "measure", "profile_scenario"]
+
+
+@dataclass(frozen=True)
+class ProfileWorkload:
+    """The prompt pattern of a scenario and the batch sizes to profile up to."""
+
+    prompt_tokens: int = 128
+    prefix_tokens: int = 0  # shared prefix of the scenario's prompts (0: r_pre = 1)
+    output_tokens: int = 16  # completion tokens per request (>= 3: TPOT needs decode deltas)
+    b_p: int = 4  # the prefill instances' batch slots
+    b_d: int = 8  # the decode batch to profile up to
+    decode_instances: int = 1  # decode instances of the group (decode bursts scale by it)
+    repeats: int = 2  # bursts per prefill batch size
+    token_id_max: int = 256  # prompt token ids are drawn from [1, token_id_max)
+    seed: int = 0
+    timeout_s: float = 300.0  # one request, end to end
+
+    def __post_init__(self) -> None:
+        for key, low in (("prompt_tokens", 1), ("output_tokens", 3), ("b_p", 1), ("b_d", 1),
+                         ("decode_instances", 1), ("repeats", 1), ("token_id_max", 2),
+                         ("prefix_tokens", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key}: expected an integer >= {low}, got {value!r}")
+        if self.prefix_tokens >= self.prompt_tokens:
+            raise ValueError(f"prefix_tokens: must be below prompt_tokens "
+                             f"({self.prefix_tokens} >= {self.prompt_tokens})")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: expected a positive number, got {self.timeout_s!r}")
+
+
+def default_batches(b: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below b, then b."""
+    out = [1 << i for i in range(b.bit_length()) if 1 << i < b]
+    return (*out, b)
+
+
+def _check_batches(key: str, batches: Iterable[int], top: int) -> tuple[int, ...]:
+    out = tuple(batches)
+    if not out or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= top
+                      for b in out):
+        raise ValueError(f"{key}: expected batch sizes in 1..{top}, got {out!r}")
+    return tuple(sorted(set(out)))
+
+
+def effective_batches(spans: Sequence[tuple[float, float]]) -> list[float]:
+    """For each (start, end) span: the time-averaged number of spans open during it, itself
+    included (an instant span counts the spans that contain it)."""
+    out: list[float] = []
+    for s0, s1 in spans:
+        if s1 <= s0:
+            out.append(float(sum(1 for o0, o1 in spans if o0 <= s0 <= o1)))
+            continue
+        overlap = sum(max(0.0, min(s1, o1) - max(s0, o0)) for o0, o1 in spans)
+        out.append(overlap / (s1 - s0))
+    return out
+
+
+def _keyed(samples: Sequence[Sample], group: Callable[[Sample], Hashable],
+           span: Callable[[Sample], tuple[float, float]]) -> list[tuple[int, Sample]]:
+    """(effective batch rounded, sample), computed among samples of the same group."""
+    groups: dict[Hashable, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[group(s)].append(s)
+    out: list[tuple[int, Sample]] = []
+    for members in groups.values():
+        eff = effective_batches([span(s) for s in members])
+        out += [(max(1, int(e + 0.5)), s) for e, s in zip(eff, members)]
+    return out
+
+
+def _mean_table(pairs: Iterable[tuple[int, float]]) -> dict[int, float]:
+    sums: dict[int, list[float]] = defaultdict(list)
+    for k, v in pairs:
+        sums[k].append(v)
+    return {k: sum(vs) / len(vs) for k, vs in sorted(sums.items())}
+
+
+def _prefill_span(s: Sample) -> tuple[float, float]:
+    return (s.accepted_at, s.first_token_at)
+
+
+def _decode_span(s: Sample) -> tuple[float, float]:
+    return (s.tokens[1][0], s.tokens[-1][0])
+
+
+def _tpot(s: Sample) -> float:
+    (t0, n0), (t1, n1) = s.tokens[1], s.tokens[-1]
+    return (t1 - t0) / (n1 - n0)
+
+
+def _xi(s: Sample) -> float:
+    t0, n0 = s.tokens[1]
+    return max(0.0, t0 - s.first_token_at - (n0 - 1) * _tpot(s))
+
+
+class Probe(Protocol):
+    """What profiling needs of a gateway (GatewayProbe; a fake in unit tests)."""
+
+    async def max_model_len(self) -> int: ...
+
+    async def burst(self, prompts: list[list[int]], max_tokens: int) -> list[Sample]: ...
+
+
+class _Prompts:
+    def __init__(self, w: ProfileWorkload) -> None:
+        self.w = w
+        self.rng = random.Random(w.seed)
+        self.prefix = self._ids(w.prefix_tokens)
+
+    def _ids(self, n: int) -> list[int]:
+        return [self.rng.randrange(1, self.w.token_id_max) for _ in range(n)]
+
+    def cold(self, n: int) -> list[list[int]]:
+        return [self._ids(self.w.prompt_tokens) for _ in range(n)]
+
+    def warm(self, n: int) -> list[list[int]]:
+        return [self.prefix + self._ids(self.w.prompt_tokens - len(self.prefix))
+                for _ in range(n)]
+
+
+async def profile_scenario(base_url: str, scenario: str, workload: ProfileWorkload,
+                           batches: Iterable[int] | None = None,
+                           decode_batches: Iterable[int] | None = None, *,
+                           api_key: str | None = None,
+                           client: httpx.AsyncClient | None = None) -> ScenarioProfile:
+    """Profiles `scenario` through the gateway at `base_url` (see the module docstring).
+    `batches` default to 1, 2, 4, ... b_p; `decode_batches` to 1, 2, 4, ... b_d. ValueError on
+    a bad workload or batch list; ProfileError when the gateway fails a request."""
+    pb = _check_batches("batches", batches or default_batches(workload.b_p), workload.b_p)
+    db = _check_batches("decode_batches", decode_batches or default_batches(workload.b_d),
+                        workload.b_d)
+    own = client is None
+    http = client or httpx.AsyncClient(
+        timeout=httpx.Timeout(30.0, read=workload.timeout_s),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+    try:
+        return await measure(GatewayProbe(base_url, scenario, http, api_key), scenario,
+                              workload, pb, db)
+    finally:
+        if own:
+            await http.aclose()
+
+
+async def measure(probe: Probe, scenario: str, w: ProfileWorkload,
+                   pb: tuple[int, ...], db: tuple[int, ...]) -> ScenarioProfile:
+    """Steps 1-5 of the module docstring on any Probe (`pb`, `db`: sorted batch sizes)."""
+    limit = await probe.max_model_len()
+    if w.prompt_tokens + w.output_tokens > limit:
+        raise ValueError(f"prompt_tokens: {w.prompt_tokens} + output_tokens {w.output_tokens} "
+                         f"exceed the model's {limit} tokens")
+    prompts = _Prompts(w)
+    await probe.burst(prompts.cold(1), w.output_tokens)
+    cold: list[Sample] = []
+    for b in pb:
+        for _ in range(w.repeats):
+            cold += await probe.burst(prompts.cold(b), 1)
+    ttft = _mean_table((k, s.ttft) for k, s in _keyed(cold, _instance, _prefill_span))
+    decoded: list[list[Sample]] = []
+    for b in db:
+        burst = await probe.burst(prompts.cold(b * w.decode_instances), w.output_tokens)
+        decoded.append([s for s in burst if len(s.tokens) >= 3
+                        and s.tokens[-1][1] > s.tokens[1][1]])
+    timed = [s for burst in decoded for s in burst]
+    if not timed or not decoded[0]:
+        raise ProfileError("no request produced two decode deltas to time TPOT; raise "
+                           "output_tokens")
+    tpot = _mean_table((k, _tpot(s)) for k, s in _keyed(timed, _decode_url, _decode_span))
+    r_pre = 1.0
+    if w.prefix_tokens:
+        await probe.burst(prompts.warm(max(pb)), 1)
+        warm: list[Sample] = []
+        for b in pb:
+            for _ in range(w.repeats):
+                warm += await probe.burst(prompts.warm(b), 1)
+        ratios = [s.ttft / interpolate(ttft, k)
+                  for k, s in _keyed(warm, _instance, _prefill_span)]
+        r_pre = min(1.0, max(1e-3, sum(ratios) / len(ratios)))
+    out_tokens = sum(s.completion_tokens for s in timed) / len(timed)
+    return ScenarioProfile(
+        name=scenario, b_p=w.b_p, b_d=w.b_d, ttft_by_batch=ttft, r_pre=r_pre,
+        tpot_by_batch=tpot, xi=sum(_xi(s) for s in decoded[0]) / len(decoded[0]),
+        G=out_tokens - 1, prompt_tokens=float(w.prompt_tokens), output_tokens=out_tokens)
+
+
+def _instance(s: Sample) -> str:
+    return s.instance
+
+
+def _decode_url(s: Sample) -> str:
+    return s.decode_url or "?"
