@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pd_serve.config import ServeConfig, load_serve_config
+from pd_serve.console import console_app
 
 T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,8 @@ HostOpt = Annotated[str | None, typer.Option(help="Bind address (overrides serve
 BackendOpt = Annotated[str | None, typer.Option(help="mindspore | torch (overrides model.backend)")]
 DeviceOpt = Annotated[str | None, typer.Option(help="Device (overrides model.device).")]
 LogOpt = Annotated[str, typer.Option(help="Server log level: debug | info | warning | error.")]
+RegistryOpt = Annotated[str | None, typer.Option(
+    help="Registry: an orchestrator's http://HOST:PORT (embedded) or zk://HOST:PORT[/chroot].")]
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -175,13 +178,18 @@ def instance(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
                  help="prefill | decode (default: stateless until POST /internal/assign).")] = None,
              decode_peers: Annotated[str, typer.Option(
                  help="Comma-separated decode instance URLs (prefill role).")] = "",
+             registry: RegistryOpt = None,
+             instance_id: Annotated[str | None, typer.Option(
+                 "--id", help="Name in the registry (default: its URL).")] = None,
              log_level: LogOpt = "info") -> None:
-    """Run one resident serving instance (prefill or decode role)."""
+    """Run one resident serving instance: with --role it serves that role; with --registry it
+    registers stateless and the orchestrator assigns its role."""
     from pd_serve.instance.process import run_instance
 
     cfg = _or_exit(lambda: load_config(config, host, port, backend, device))
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    _or_exit(lambda: run_instance(cfg, role, _urls(decode_peers), log_level))
+    _or_exit_runtime(lambda: _or_exit(lambda: run_instance(
+        cfg, role, _urls(decode_peers), log_level, registry, instance_id)))
 
 
 PrefillOpt = Annotated[str, typer.Option(
@@ -191,16 +199,45 @@ PrefillOpt = Annotated[str, typer.Option(
 @app.command()
 def gateway(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
             port: PortOpt = None, backend: BackendOpt = None, prefill: PrefillOpt = "",
-            log_level: LogOpt = "info") -> None:
+            registry: RegistryOpt = None, log_level: LogOpt = "info") -> None:
     """Run the P/D gateway (OpenAI API, scenario routing, forwarding to prefill instances with
-    rejections or a baseline policy, relay from decode, metrics)."""
+    rejections or a baseline policy, relay from decode, metrics). Its prefill instances are
+    --prefill, or with --registry those the orchestrator's meta info lists."""
     from pd_serve.gateway.scenarios import parse_instances
     from pd_serve.gateway.serve import run_gateway
 
     cfg = _or_exit(lambda: load_config(config, host, port, backend))
-    instances = _or_exit(lambda: parse_instances(_urls(prefill)))
+    if registry is None and not prefill:
+        _or_exit(lambda: _fail("the gateway needs --prefill NAME=URL,... or --registry URL"))
+    instances = _or_exit(lambda: parse_instances(_urls(prefill))) if registry is None else {}
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    _or_exit(lambda: run_gateway(cfg, instances, log_level))
+    _or_exit(lambda: run_gateway(cfg, instances, log_level, registry))
+
+
+@app.command()
+def orchestrator(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = None,
+                 port: PortOpt = None, registry: Annotated[str | None, typer.Option(
+                     help="embedded | zk://HOST:PORT[/chroot] (overrides "
+                          "orchestrator.registry).")] = None,
+                 log_level: LogOpt = "info") -> None:
+    """Run the orchestrator: registry (embedded or ZooKeeper), P/D groups per scenario, health
+    and recovery, ratio planning and adjustment, and the operator API the console uses."""
+    from pd_serve.orchestrator.serve import run_orchestrator
+
+    cfg = _or_exit(lambda: load_config(config))
+    pairs = (("host", host), ("port", port), ("registry", registry))
+    over: dict[str, Any] = {k: v for k, v in pairs if v is not None}
+    cfg = _or_exit(lambda: dataclasses.replace(
+        cfg, orchestrator=dataclasses.replace(cfg.orchestrator, **over)))
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _or_exit_runtime(lambda: _or_exit(lambda: run_orchestrator(cfg, log_level)))
+
+
+app.add_typer(console_app, name="console")
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
 
 
 def _urls(csv: str) -> list[str]:

@@ -195,6 +195,68 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class GroupTarget:
+    """The P/D group of one scenario: how many prefill and decode instances it should have."""
+
+    scenario: str = "default"
+    prefill: int = 1
+    decode: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.scenario:
+            raise ValueError("orchestrator.groups: scenario must not be empty")
+        if self.prefill < 0 or self.decode < 0:
+            raise ValueError(f"orchestrator.groups[{self.scenario}]: prefill and decode must be "
+                             f">= 0, got {self.prefill}:{self.decode}")
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """The orchestrator and how instances and gateways reach it: registry URL (`embedded`, an
+    orchestrator's http://HOST:PORT, or zk://HOST:PORT[/chroot]), the groups per scenario,
+    health checking, and the online adjuster."""
+
+    registry: str = "embedded"
+    host: str = "127.0.0.1"
+    port: int = 8500
+    groups: tuple[GroupTarget, ...] = (GroupTarget(),)
+    spares: int = 0  # `pd-serve up`: extra stateless instances kept for recovery
+    session_timeout_s: float = 6.0  # registry session: ephemeral nodes vanish after this
+    report_interval_s: float = 1.0  # instance health reports into the registry
+    health_interval_s: float = 0.5  # orchestrator: GET /health of every instance
+    health_failures: int = 3  # consecutive failed checks that mark an instance failed
+    drain_timeout_s: float = 120.0  # re-role/release: wait this long for in-flight work
+    adjust: bool = False  # online adjuster on
+    adjust_interval_s: float = 5.0  # how often the adjuster reads the gateways' metrics
+    adjust_window_s: float = 20.0
+    adjust_min_samples: int = 10  # a window with fewer finished requests is ignored
+    adjust_e2e_rise: float = 0.25  # relative E2E rise over the baseline that counts as "up"
+    adjust_share_delta: float = 0.08  # change of the T_p/E2E share that picks the direction
+    adjust_hysteresis: int = 2  # consecutive windows a signal must persist
+    adjust_cooldown_s: float = 30.0
+    min_per_role: int = 1  # the adjuster never takes a role below this
+
+    def __post_init__(self) -> None:
+        names = [g.scenario for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"orchestrator.groups: a scenario appears twice in {names}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"orchestrator.port must be 0..65535, got {self.port}")
+        for name in ("session_timeout_s", "report_interval_s", "health_interval_s",
+                     "drain_timeout_s", "adjust_interval_s", "adjust_window_s",
+                     "adjust_cooldown_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"orchestrator.{name} must be positive, got "
+                                 f"{getattr(self, name)}")
+        if (self.health_failures <= 0 or self.adjust_hysteresis <= 0 or self.spares < 0
+                or self.adjust_min_samples <= 0):
+            raise ValueError("orchestrator.health_failures, adjust_hysteresis and "
+                             "adjust_min_samples must be positive, spares >= 0")
+        if self.min_per_role < 1:
+            raise ValueError(f"orchestrator.min_per_role must be >= 1, got {self.min_per_role}")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything one serving process needs."""
 
@@ -204,6 +266,7 @@ class ServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     pd: PDConfig = field(default_factory=PDConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

@@ -41,11 +41,13 @@ from pd_serve.api.prepare import Limits, Prepared, prepare_chat, prepare_complet
 from pd_serve.api.protocol import ChatCompletionRequest, CompletionRequest
 from pd_serve.api.protocol import new_id as _new_id
 from pd_serve.config import ServeConfig
+from pd_serve.gateway.follow import MetaFollower
 from pd_serve.gateway.forward import Forwarder
 from pd_serve.gateway.metrics import GatewayMetrics
 from pd_serve.gateway.ops import operator_router
 from pd_serve.gateway.policy import ttft_deadline
 from pd_serve.gateway.remote_run import DEADLINE, admit_remote
+from pd_serve.gateway.samples import SampleLog
 from pd_serve.gateway.scenarios import Scenario, build_scenarios, scenario_of
 from pd_serve.gateway.timeline import CANCELLED, FAILED, TERMINATED, Timeline, TimelineRing
 from pd_serve.models.tokenizer import Tokenizer
@@ -65,30 +67,43 @@ class Gateway:
     metrics: GatewayMetrics
     tok: Tokenizer
     limits: Limits
+    samples: SampleLog
 
     def ended(self, tl: Timeline) -> None:
         self.metrics.record(tl)
+        self.samples.add(tl)
 
 
 def build_gateway_app(cfg: ServeConfig, tok: Tokenizer, max_model_len: int,
-                      instances: Mapping[str, str]) -> FastAPI:
+                      instances: Mapping[str, str], registry_url: str | None = None) -> FastAPI:
+    """With `registry_url` the prefill instances of every scenario come from the orchestrator's
+    meta info (pd_serve.gateway.follow) and `instances` is ignored."""
     gw_cfg = cfg.gateway
-    scenarios = build_scenarios(gw_cfg, instances, cfg.pd.forward_deadline_s)
+    scenarios = build_scenarios(gw_cfg, instances, cfg.pd.forward_deadline_s,
+                                dynamic=registry_url is not None)
     gw = Gateway(Forwarder(scenarios, cfg.pd.retry_interval_s), scenarios,
                  gw_cfg.default_scenario, TimelineRing(gw_cfg.timeline_capacity),
                  GatewayMetrics(list(scenarios), gw_cfg.max_stats_samples), tok,
                  Limits(cfg.model.name, max_model_len, tok.vocab_size,
-                        cfg.server.max_tokens_default))
+                        cfg.server.max_tokens_default), SampleLog(gw_cfg.max_stats_samples))
+
+    follower = (MetaFollower(gw.fwd, registry_url, cfg.orchestrator.session_timeout_s,
+                             f"http://{cfg.server.host}:{cfg.server.port}")
+                if registry_url is not None else None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if follower is not None:
+            follower.start()
         yield
+        if follower is not None:
+            await follower.stop()
         await gw.fwd.aclose()
 
     app = FastAPI(title="pd-serve gateway", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(_openai_router(gw, cfg.server.api_keys))
-    app.include_router(operator_router(gw.fwd, gw.ring, gw.metrics))
+    app.include_router(operator_router(gw.fwd, gw.ring, gw.metrics, gw.samples))
     return app
 
 

@@ -11,6 +11,7 @@ HTTP client.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -56,7 +57,18 @@ class Forwarder:
 
     @property
     def urls(self) -> list[str]:
-        return list(self.open_streams)
+        return list(dict.fromkeys(u for st in self.states.values() for u in st.instances))
+
+    def set_instances(self, scenario: str, urls: list[str]) -> bool:
+        """Replaces a scenario's prefill instances (from the orchestrator's meta info); requests
+        in flight are not disturbed. False when nothing changed."""
+        urls = [u.rstrip("/") for u in urls]
+        sc = self.scenarios[scenario]
+        if list(sc.instances) == urls:
+            return False
+        self.scenarios[scenario] = dataclasses.replace(sc, instances=tuple(urls))
+        pol.set_instances(self.states[scenario], urls)
+        return True
 
     async def aclose(self) -> None:
         await self.client.aclose()

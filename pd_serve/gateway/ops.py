@@ -1,6 +1,7 @@
 """The gateway's operator routes (no API key): /health, /stats (open streams, rejections and
-per-scenario metrics as JSON), /metrics (Prometheus text) and /debug/requests[/{id}]
-(request timelines from the bounded ring)."""
+per-scenario metrics as JSON), /stats/samples?since=N (finished requests after cursor N, for the
+orchestrator), /metrics (Prometheus text) and /debug/requests[/{id}] (request timelines from the
+bounded ring)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ from fastapi.responses import Response
 from pd_serve.api.errors import APIError
 from pd_serve.gateway.forward import Forwarder
 from pd_serve.gateway.metrics import GatewayMetrics
+from pd_serve.gateway.samples import SampleLog
 from pd_serve.gateway.timeline import TimelineRing
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def operator_router(fwd: Forwarder, ring: TimelineRing, metrics: GatewayMetrics) -> APIRouter:
+def operator_router(fwd: Forwarder, ring: TimelineRing, metrics: GatewayMetrics,
+                    samples: SampleLog) -> APIRouter:
     router = APIRouter()
+
+    @router.get("/stats/samples")
+    async def finished(since: int = 0, limit: int = 10000) -> dict[str, Any]:
+        return samples.since(since, max(1, min(limit, 100000)))
 
     @router.get("/health")
     async def health() -> dict[str, Any]:

@@ -40,10 +40,23 @@ class RouterState:
     next_id: int = 0
 
     def __post_init__(self) -> None:
-        if not self.instances:
-            raise ValueError("a scenario needs at least one prefill instance")
         for inst in self.instances:
             self.open_streams.setdefault(inst, 0)
+
+
+def set_instances(state: RouterState, instances: Sequence[str]) -> None:
+    """The scenario's prefill instances changed (the orchestrator's meta info): new ones start
+    with no open streams, streams still open on removed ones keep their counts until they close;
+    the batch-forwarding target is dropped when it left. Requests in line keep their places."""
+    state.instances = tuple(dict.fromkeys(instances))
+    for inst in state.instances:
+        state.open_streams.setdefault(inst, 0)
+    if state.target not in state.instances:
+        state.target = None
+    if state.instances:
+        state.rr_cursor %= len(state.instances)
+    else:
+        state.rr_cursor = 0
 
 
 @dataclass
@@ -107,6 +120,8 @@ def candidates(policy: str, state: RouterState) -> list[str]:
     """The order in which one round offers the instances under `policy`."""
     if policy == ROUND_ROBIN:
         n = len(state.instances)
+        if n == 0:
+            return []
         return [state.instances[(state.rr_cursor + i) % n] for i in range(n)]
     ranked = rank(state.instances, state.open_streams)
     if policy == FORWARDING and state.target in ranked:
@@ -125,27 +140,31 @@ def decide(policy: str, state: RouterState, attempt: Attempt, now: float,
            retry_interval_s: float) -> Decision:
     """The next step for `attempt` at time `now` (checked against the deadline first)."""
     if now >= attempt.deadline:
-        return Terminate(_reason(attempt, now))
+        return Terminate(_reason(attempt, now, state))
     if policy == FORWARDING and state.waiting and state.waiting[0] != attempt.id:
         if attempt.id not in state.waiting:
             state.waiting.append(attempt.id)  # others are waiting: no overtaking
-        return _wait_or_end(attempt, now, retry_interval_s)
+        return _wait_or_end(attempt, now, retry_interval_s, state)
     untried = [c for c in candidates(policy, state) if c not in attempt.tried]
     if untried:
         return Offer(untried[0], policy != FORWARDING, attempt.deadline - now)
     if policy == FORWARDING and attempt.id not in state.waiting:
         state.waiting.append(attempt.id)  # a whole round rejected: wait in line
-    return _wait_or_end(attempt, now, retry_interval_s)
+    return _wait_or_end(attempt, now, retry_interval_s, state)
 
 
-def _wait_or_end(attempt: Attempt, now: float, retry_interval_s: float) -> Decision:
+def _wait_or_end(attempt: Attempt, now: float, retry_interval_s: float,
+                 state: RouterState) -> Decision:
     if now + retry_interval_s >= attempt.deadline:
-        return Terminate(_reason(attempt, now))
+        return Terminate(_reason(attempt, now, state))
     return Wait(retry_interval_s)
 
 
-def _reason(attempt: Attempt, now: float) -> str:
+def _reason(attempt: Attempt, now: float, state: RouterState | None = None) -> str:
     waited = now - attempt.arrival
+    if state is not None and not state.instances:
+        return (f"TTFT deadline passed after {waited:.3f} s: the scenario has no prefill "
+                "instance serving right now")
     if not attempt.rejections:
         return (f"TTFT deadline passed after {waited:.3f} s waiting at the gateway behind "
                 "earlier requests (every prefill slot busy); no instance was offered it")

@@ -23,19 +23,23 @@ class Scenario:
 
 
 def build_scenarios(cfg: GatewayConfig, instances: Mapping[str, str],
-                    fallback_deadline_s: float = 30.0) -> dict[str, Scenario]:
+                    fallback_deadline_s: float = 30.0,
+                    dynamic: bool = False) -> dict[str, Scenario]:
     """`instances`: prefill instance name -> URL (a URL may name itself). A scenario with no
     `prefill` list gets every instance; ValueError names an unknown instance. No scenarios
     configured: one, `default_scenario`, forwarding over every instance with one TTFT deadline
-    of `fallback_deadline_s` (pd.forward_deadline_s)."""
-    if not instances:
+    of `fallback_deadline_s` (pd.forward_deadline_s). `dynamic`: the orchestrator's meta info
+    fills in the instances later (`instances` is ignored; every scenario starts empty)."""
+    if dynamic:
+        instances = {}
+    elif not instances:
         raise ValueError("the gateway needs at least one prefill instance")
     urls = {u.rstrip("/") for u in instances.values()}
     configured = cfg.scenarios or (ScenarioConfig(
         name=cfg.default_scenario, ttft_slo=(TTFTBand(None, fallback_deadline_s),)),)
     out: dict[str, Scenario] = {}
     for sc in configured:
-        chosen = sc.prefill or tuple(instances)
+        chosen = () if dynamic else (sc.prefill or tuple(instances))
         resolved: list[str] = []
         for ref in chosen:
             url = instances.get(ref) or (ref.rstrip("/") if ref.rstrip("/") in urls else None)

@@ -5,7 +5,10 @@ Lifecycle:
 1. `build_app(cfg, self_url, role, decode_peers)`: nothing loaded; with `role` the ASGI startup
    assigns it before the server accepts connections;
 2. assign: loads the model on a worker thread (Runtime.build), creates the role object; a second
-   assign with the same role updates group and decode peers, another role answers 409;
+   assign with the same role updates group and decode peers; another role drains the instance,
+   waits until its work is done and switches the role in place (the model stays loaded); another
+   model path reloads; `release` returns it to stateless (pd_serve.instance.agent drives these
+   from the registry when the orchestrator assigns);
 3. `POST /internal/drain` makes the role refuse new work with 429 `draining` while queued,
    running and handed-off work finishes (`/stats` `idle`); `/internal/undrain` reverses it;
 4. ASGI shutdown stops the role object and closes the runtime (engine thread, KV, runner).
@@ -14,6 +17,8 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +34,7 @@ from pd_serve.api.errors import (
 )
 from pd_serve.api.http import SSE_HEADERS, parse_body
 from pd_serve.config import ServeConfig
+from pd_serve.instance.agent import RegistryAgent
 from pd_serve.instance.decode import DecodeRole
 from pd_serve.instance.messages import (
     AbortRequest,
@@ -40,6 +46,9 @@ from pd_serve.instance.messages import (
 from pd_serve.instance.prefill import PrefillRole
 from pd_serve.instance.prefill_queue import Ticket
 from pd_serve.instance.runtime import Runtime
+from pd_serve.orchestrator.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class _TicketedStream(StreamingResponse):
@@ -59,38 +68,103 @@ class _TicketedStream(StreamingResponse):
 
 
 class Instance:
-    """The role state of this process (one event loop; no locks needed besides `_assigning`)."""
+    """The role state of this process (one event loop; role changes serialise on `_assigning`).
+    Who frees what: `_stop_role` stops the role object after its work drained (or the drain
+    timed out: the role's stop then fails what is left); `close`/`release` close the runtime."""
 
     def __init__(self, cfg: ServeConfig, self_url: str) -> None:
         self.cfg = cfg
         self.self_url = self_url
         self.role: str | None = None
         self.group: str | None = None
+        self.model_path: str = cfg.model.path
         self.runtime: Runtime | None = None
         self.prefill: PrefillRole | None = None
         self.decode: DecodeRole | None = None
         self.draining = False
+        self.state = "stateless"  # stateless | loading | ready | switching | releasing
+        self.switches = 0
         self._assigning = asyncio.Lock()
 
     async def assign(self, msg: AssignRequest) -> dict[str, Any]:
+        """Takes the role (loading the model), switches role in place (drain, wait for idle,
+        swap the KV side, rejoin) or reloads for a new model path; same role: updates group
+        and decode peers."""
         async with self._assigning:
+            model_path = msg.model_path or self.model_path
+            if self.runtime is not None and model_path != self.model_path:
+                await self._release_locked()
             if self.role is not None and self.role != msg.role:
-                raise APIError(409, f"this instance is already {self.role}; re-roling is not "
-                               "supported yet", code="role_conflict")
-            if self.role is None:
-                self.runtime = await asyncio.to_thread(Runtime.build, self.cfg, msg.role)
-                if msg.role == "prefill":
-                    self.prefill = PrefillRole(self.runtime, self.cfg.pd, self.self_url, [])
-                    self.prefill.start()
-                else:
-                    self.decode = DecodeRole(self.runtime, self.cfg.pd)
-                    self.decode.start()
-                self.role = msg.role
-                self.drain(self.draining)
+                self.state = "switching"
+                await self._stop_role()
+                assert self.runtime is not None
+                await asyncio.to_thread(self.runtime.switch_role, msg.role)
+                self._start_role(msg.role)
+                self.switches += 1
+            elif self.role is None:
+                self.state = "loading"
+                self.model_path = model_path
+                cfg = dataclasses.replace(
+                    self.cfg, model=dataclasses.replace(self.cfg.model, path=model_path))
+                try:
+                    self.runtime = await asyncio.to_thread(Runtime.build, cfg, msg.role)
+                except BaseException:
+                    self.state = "stateless"
+                    raise
+                self._start_role(msg.role)
             self.group = msg.group
+            self.state = "ready"
             if self.prefill is not None:
                 self.prefill.set_peers([p.rstrip("/") for p in msg.decode_peers])
             return {"role": self.role, "group": self.group, "decode_peers": msg.decode_peers}
+
+    def _start_role(self, role: str) -> None:
+        assert self.runtime is not None
+        if role == "prefill":
+            self.prefill = PrefillRole(self.runtime, self.cfg.pd, self.self_url, [])
+            self.prefill.start()
+        else:
+            self.decode = DecodeRole(self.runtime, self.cfg.pd)
+            self.decode.start()
+        self.role = role
+        self.drain(self.draining)
+
+    async def _stop_role(self) -> None:
+        """Drain, wait until idle (at most orchestrator.drain_timeout_s), stop the role."""
+        was_draining = self.draining
+        self.drain(True)
+        await self.wait_idle(self.cfg.orchestrator.drain_timeout_s)
+        for part in (self.prefill, self.decode):
+            if part is not None:
+                await part.stop()
+        self.prefill = self.decode = None
+        self.role = None
+        self.draining = was_draining
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.idle:
+            if time.monotonic() > deadline:
+                log.warning("still busy after %.0f s of draining; stopping anyway", timeout_s)
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def release(self) -> dict[str, Any]:
+        """Back to stateless: drain, wait for idle, stop the role, free the model."""
+        async with self._assigning:
+            await self._release_locked()
+            return {"role": None, "state": self.state}
+
+    async def _release_locked(self) -> None:
+        if self.runtime is None:
+            return
+        self.state = "releasing"
+        await self._stop_role()
+        runtime, self.runtime = self.runtime, None
+        await asyncio.to_thread(runtime.close)
+        self.group = None
+        self.state = "stateless"
 
     def drain(self, on: bool) -> dict[str, Any]:
         """Drain (`on`) or undrain; the role reads its own flag on every offer."""
@@ -124,8 +198,9 @@ class Instance:
         return self.decode
 
     async def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "group": self.group,
-                               "draining": self.draining, "idle": self.idle}
+        out: dict[str, Any] = {"role": self.role, "group": self.group, "state": self.state,
+                               "draining": self.draining, "idle": self.idle,
+                               "model_path": self.model_path, "role_switches": self.switches}
         if self.runtime is not None:
             out["engine"] = self.runtime.engine.stats()
         if self.prefill is not None:
@@ -136,7 +211,10 @@ class Instance:
 
 
 def build_app(cfg: ServeConfig, self_url: str, role: str | None = None,
-              decode_peers: list[str] | None = None) -> FastAPI:
+              decode_peers: list[str] | None = None, registry: Registry | None = None,
+              instance_id: str | None = None) -> FastAPI:
+    """With `registry` the instance registers as `instance_id` and follows its assignment
+    (pd_serve.instance.agent); the registry is closed at shutdown."""
     inst = Instance(cfg, self_url)
 
     @asynccontextmanager
@@ -144,7 +222,14 @@ def build_app(cfg: ServeConfig, self_url: str, role: str | None = None,
         if role is not None:
             await inst.assign(AssignRequest(role=role,  # type: ignore[arg-type]
                                             decode_peers=decode_peers or []))
+        agent = None
+        if registry is not None:
+            agent = RegistryAgent(inst, registry, instance_id or self_url,
+                                  cfg.orchestrator.report_interval_s)
+            agent.start()
         yield
+        if agent is not None:
+            await agent.stop()
         await inst.close()
 
     app = FastAPI(title="pd-serve instance", lifespan=lifespan)
@@ -183,6 +268,10 @@ def _routes(app: FastAPI, inst: Instance) -> None:
     async def handoff(request: Request) -> JSONResponse:
         queued = inst.need_decode().accept(await parse_body(request, HandoffRequest))
         return JSONResponse({"queued": queued}, status_code=202)
+
+    @app.post("/internal/release")
+    async def release() -> dict[str, Any]:
+        return await inst.release()
 
     @app.post("/internal/drain")
     async def drain() -> dict[str, Any]:

@@ -2,7 +2,9 @@
 validated with pydantic; no pickle on any wire). Every body carries `version`.
 
 Routes and bodies (instance side):
-* POST /internal/assign       AssignRequest -> {"role", "group", "decode_peers"}
+* POST /internal/assign       AssignRequest -> {"role", "group", "decode_peers"} (another role:
+                              drain, switch in place; another model_path: drain, reload)
+* POST /internal/release      -> {"role": null, "state"}: drain, stop the role, free the model
 * POST /internal/prefill      PrefillRequest -> 429 no_free_slot | queue_full | draining | SSE:
                               `first`, then `handoff` (or the stream ends after `first` when it
                               finished) | `error` (deadline_exceeded: never prefilled); a queued
@@ -65,6 +67,7 @@ class AssignRequest(_Msg):
     role: Role
     group: str = "default"
     decode_peers: list[str] = Field(default_factory=list)
+    model_path: str | None = None  # another model directory: drain, reload, rejoin
 
 
 class PrefillRequest(_Msg):

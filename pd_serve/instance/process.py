@@ -11,8 +11,11 @@ log = logging.getLogger(__name__)
 
 
 def run_instance(cfg: ServeConfig, role: str | None, decode_peers: list[str],
-                 log_level: str = "info") -> None:
-    """Serves one instance on cfg.server.host:port; with `role` the model loads first."""
+                 log_level: str = "info", registry_url: str | None = None,
+                 instance_id: str | None = None) -> None:
+    """Serves one instance on cfg.server.host:port; with `role` the model loads first; with
+    `registry_url` it registers and follows the orchestrator's assignment (RegistryError when
+    the registry cannot be reached at start)."""
     import uvicorn
 
     from pd_serve.cli import _server_class
@@ -22,8 +25,16 @@ def run_instance(cfg: ServeConfig, role: str | None, decode_peers: list[str],
         raise ValueError(f"--role must be prefill or decode, got {role!r}")
     if role == "decode" and decode_peers:
         raise ValueError("--decode-peers is for prefill instances")
+    if registry_url is not None and role is not None:
+        raise ValueError("--role and --registry exclude each other: with a registry the "
+                         "orchestrator assigns the role")
     self_url = f"http://{cfg.server.host}:{cfg.server.port}"
-    app = build_app(cfg, self_url, role, decode_peers)
+    registry = None
+    if registry_url is not None:
+        from pd_serve.orchestrator.registry import connect
+
+        registry = connect(registry_url, session_timeout_s=cfg.orchestrator.session_timeout_s)
+    app = build_app(cfg, self_url, role, decode_peers, registry, instance_id)
     config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
                             log_level=log_level, timeout_graceful_shutdown=5)
     _server_class()(config).run()

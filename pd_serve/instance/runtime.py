@@ -4,7 +4,8 @@ transport with its sender (prefill) or receiver (decode). Every call into pd_ser
 Lifecycle:
 1. `Runtime.build(cfg, role)` loads the model (blocking: call it off the event loop), creates the
    transport and the role's KV side, and starts the engine thread;
-2. the role objects use `engine`, `runner`, `sender` / `receiver`;
+2. the role objects use `engine`, `runner`, `sender` / `receiver`; `switch_role` swaps the KV
+   side in place once the role's work has drained (re-roling keeps the loaded model);
 3. `close()` stops the engine thread, closes sender/receiver, transport and runner, in that order.
 Who frees what: the role objects free slots, buffers and blocks per request; `close` frees the
 rest whatever is left.
@@ -45,6 +46,7 @@ class Runtime:
     transport: Any
     sender: Any = None  # prefill: kv.KVSender
     receiver: Any = None  # decode: kv.KVReceiver
+    cfg: ServeConfig | None = None
 
     @classmethod
     def build(cls, cfg: ServeConfig, role: str) -> Runtime:
@@ -64,13 +66,31 @@ class Runtime:
         except BaseException:
             runner.close()
             raise
-        rt = cls(role, runner, tokenizer, RoleEngine(llm), transport)
-        if role == "prefill":
-            rt.sender = make_sender(cfg, transport, runner, llm.max_model_len)
-        else:
-            rt.receiver = make_receiver(cfg, transport, runner, llm.max_model_len)
+        rt = cls(role, runner, tokenizer, RoleEngine(llm), transport, cfg=cfg)
+        rt._attach(role)
         rt.engine.start()
         return rt
+
+    def _attach(self, role: str) -> None:
+        assert self.cfg is not None
+        if role == "prefill":
+            self.sender = make_sender(self.cfg, self.transport, self.runner, self.max_model_len)
+        else:
+            self.receiver = make_receiver(self.cfg, self.transport, self.runner,
+                                          self.max_model_len)
+        self.role = role
+
+    def switch_role(self, role: str) -> None:
+        """In place (blocking; the role object has stopped and its work drained): closes this
+        role's KV side (slot buffers or receiver) and opens the other's; runner, engine (and its
+        prefix cache) and transport stay."""
+        if role == self.role:
+            return
+        for part in (self.sender, self.receiver):
+            if part is not None:
+                part.close()
+        self.sender = self.receiver = None
+        self._attach(role)
 
     @property
     def max_model_len(self) -> int:

@@ -270,12 +270,6 @@ def test_client_cancel_leaves_no_leaks(cluster: PDCluster) -> None:
     assert cluster.decodes[0].stats()["engine"]["caller_aborts"] >= 1
 
 
-def test_second_assign_with_other_role_is_409(cluster: PDCluster) -> None:
-    assert cluster.prefill is not None
-    r = httpx.post(f"{cluster.prefill.url}/internal/assign", json={"role": "decode"}, timeout=10)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "role_conflict"
-
-
 @pytest.mark.slow
 def test_mindspore_greedy_equals_aggregated(tmp_path: Path,
                                             aggregated: list[tuple[str, Any]]) -> None:

@@ -204,6 +204,28 @@ def test_first_token_after_deadline_is_slo_failure() -> None:
     assert pol.first_token_in_slo(att, 10.9) and not pol.first_token_in_slo(att, 11.2)
 
 
-def test_state_needs_instances() -> None:
-    with pytest.raises(ValueError, match="at least one prefill"):
-        RouterState(())
+def test_empty_scenario_waits_then_terminates_with_reason() -> None:
+    st = RouterState(())
+    att = Attempt.start(0.0, 1.0)
+    pol.join(st, att)
+    for policy in (pol.FORWARDING, pol.FIFO, pol.ROUND_ROBIN):
+        assert isinstance(pol.decide(policy, st, att, 0.5, 0.02), pol.Wait)
+    end = pol.decide(pol.FORWARDING, st, att, 1.0, 0.02)
+    assert isinstance(end, pol.Terminate) and "no prefill instance serving" in end.reason
+
+
+def test_set_instances_keeps_line_and_open_streams() -> None:
+    st = RouterState(("a", "b"))
+    first, second = Attempt.start(0.0, 5.0), Attempt.start(0.0, 5.0)
+    pol.join(st, first)
+    pol.join(st, second)
+    pol.note_accept(st, first, "b")
+    st.waiting.append(second.id)
+    pol.set_instances(st, ["c", "a"])
+    assert st.instances == ("c", "a") and st.target is None
+    assert st.open_streams["b"] == 1 and st.open_streams["c"] == 0
+    assert st.waiting == [second.id]
+    pol.note_close(st, "b")  # a stream on a removed instance still closes cleanly
+    assert st.open_streams["b"] == 0
+    offer = pol.decide(pol.FORWARDING, st, second, 0.1, 0.02)
+    assert isinstance(offer, pol.Offer) and offer.instance == "c"
