@@ -8,6 +8,7 @@ import pytest
 
 from tests.checkpoints import DEMO_MODEL, VARIANTS, make_checkpoint
 
+pytest_plugins = ["tests.zk_fixtures"]
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
