@@ -143,20 +143,24 @@ def up(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), port: PortOpt = None,
            help="Stop the deployment after the sample requests (scripts, tests).")] = False,
        timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = 600.0,
        ) -> None:
-    """Start the local disaggregated deployment (decode and prefill instances plus the gateway,
-    as subprocesses on loopback), send a sample chat and completion, serve until Ctrl-C."""
+    """Start the local disaggregated deployment (orchestrator with its embedded registry,
+    stateless instances it forms into P/D groups, and the gateway, as subprocesses on
+    loopback), send a sample chat and completion, serve until Ctrl-C."""
     from pd_serve.instance.launch import LocalDeployment
 
     cfg = _or_exit(lambda: load_config(config, port=port, backend=backend))
     fport = cfg.server.port or _free_port()
     dep = LocalDeployment(resolve_config_path(config), cfg, fport, cfg.model.backend, log_level)
-    typer.echo(f"starting {cfg.pd.num_prefill} prefill + {cfg.pd.num_decode} decode instance(s) "
-               f"of {cfg.model.name} ({cfg.model.backend}, hand-off {cfg.pd.handoff_mode}) "
-               f"and the gateway at {dep.url}/v1 ...")
+    groups = ", ".join(f"{g.scenario} {g.prefill}P:{g.decode}D" for g in cfg.orchestrator.groups)
+    typer.echo(f"starting the orchestrator, {dep.instance_count} stateless instance(s) of "
+               f"{cfg.model.name} ({cfg.model.backend}, hand-off {cfg.pd.handoff_mode}; groups "
+               f"{groups}; {cfg.orchestrator.spares} spare) and the gateway at {dep.url}/v1 ...")
     dep.start()
     try:
         _or_exit_runtime(lambda: dep.wait_healthy(timeout))
-        typer.echo(f"ready: {dep.url}/v1 (model {cfg.model.name!r})")
+        _or_exit_runtime(lambda: dep.wait_groups(timeout))
+        typer.echo(f"ready: {dep.url}/v1 (model {cfg.model.name!r}); operator console: "
+                   f"pd-serve console --orchestrator {dep.orchestrator_url} status")
         _sample(dep.url, cfg)
         if exit_after_sample:
             return

@@ -93,10 +93,9 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class PDConfig:
-    """Disaggregated (P/D) deployment: instance counts, prefill slots, hand-off and timeouts."""
+    """Disaggregated (P/D) serving: prefill slots, hand-off and timeouts (how many instances of
+    each role a scenario has is the orchestrator's: OrchestratorConfig.groups)."""
 
-    num_prefill: int = 1
-    num_decode: int = 1
     b_p: int = 4  # batch slots per prefill instance (each owns one staging buffer)
     handoff_mode: str = "bulk"  # bulk | per_layer | block_fixed
     transport_host: str = "127.0.0.1"  # where the KV transport binds
@@ -112,7 +111,7 @@ class PDConfig:
     prefill_queue_max: int = 64  # baseline (a): local FIFO places per prefill (queue=true offers)
 
     def __post_init__(self) -> None:
-        for name in ("num_prefill", "num_decode", "b_p", "peer_probe_failures"):
+        for name in ("b_p", "peer_probe_failures"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
         if self.handoff_mode not in HANDOFF_MODES:

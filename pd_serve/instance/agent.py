@@ -2,8 +2,9 @@
 orchestrator's assignment, follows its scenario's decode list, and reports health.
 
 Lifecycle (one asyncio task on the instance's event loop; registry calls run on worker threads):
-1. `RegistryAgent(inst, registry, instance_id, report_interval_s)`; `start()` registers
-   /pd/instances/{id} (retrying while the registry is away) and watches /pd/assign/{id};
+1. `RegistryAgent(inst, connect, instance_id, report_interval_s)`; `start()` connects and
+   registers /pd/instances/{id} (retrying every second while the registry is away, so an
+   instance may start before the orchestrator) and watches /pd/assign/{id};
 2. every wake-up (a watch fired, or each report interval): read the assignment; a new epoch is
    applied on its own task (assign: load or switch role in place; role None: release to
    stateless; `drain`) so reports continue while a model loads or work drains; a prefill
@@ -41,10 +42,11 @@ log = logging.getLogger(__name__)
 
 
 class RegistryAgent:
-    def __init__(self, inst: Instance, registry: Registry, instance_id: str,
+    def __init__(self, inst: Instance, connect: Callable[[], Registry], instance_id: str,
                  report_interval_s: float) -> None:
         self.inst = inst
-        self.registry = registry
+        self._connect = connect
+        self.registry: Registry | None = None
         self.id = instance_id
         self.report_interval_s = report_interval_s
         self.epoch = 0  # applied assignment epoch
@@ -68,7 +70,8 @@ class RegistryAgent:
             cancel()
         if self._meta_watch is not None:
             self._meta_watch[1]()
-        await asyncio.to_thread(self.registry.close)
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.close)
 
     def poke(self) -> None:
         """Thread-safe: wake the agent (registry watch callbacks call this)."""
@@ -78,6 +81,8 @@ class RegistryAgent:
     async def _run(self) -> None:
         while True:
             try:
+                if self.registry is None:
+                    self.registry = await asyncio.to_thread(self._connect)
                 await self._report()
                 break
             except RegistryError as exc:
@@ -97,6 +102,7 @@ class RegistryAgent:
                 log.warning("registry: %s (serving on with what we know)", exc)
 
     async def _sync(self) -> None:
+        assert self.registry is not None
         path = child(ASSIGN, self.id)
         a = Assignment.parse(await asyncio.to_thread(self.registry.get, path), path)
         if a is not None and a.epoch > self.epoch and (self._apply is None or self._apply.done()):
@@ -121,6 +127,7 @@ class RegistryAgent:
 
     async def _follow_meta(self) -> None:
         """Prefill: watch the scenario's meta and take its decode list as peers."""
+        assert self.registry is not None
         scenario = self.inst.group if self.inst.prefill is not None else None
         if self._meta_watch is not None and self._meta_watch[0] != scenario:
             self._meta_watch[1]()
@@ -137,6 +144,7 @@ class RegistryAgent:
             self.inst.prefill.set_peers(peers)
 
     async def _report(self) -> None:
+        assert self.registry is not None
         rec = self.record()
         await asyncio.to_thread(self.registry.put, child(INSTANCES, self.id), rec.to_json(),
                                 ephemeral=True)

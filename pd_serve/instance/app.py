@@ -211,10 +211,12 @@ class Instance:
 
 
 def build_app(cfg: ServeConfig, self_url: str, role: str | None = None,
-              decode_peers: list[str] | None = None, registry: Registry | None = None,
+              decode_peers: list[str] | None = None,
+              registry: Callable[[], Registry] | None = None,
               instance_id: str | None = None) -> FastAPI:
-    """With `registry` the instance registers as `instance_id` and follows its assignment
-    (pd_serve.instance.agent); the registry is closed at shutdown."""
+    """With `registry` (a function that connects, raising RegistryError while it cannot) the
+    instance registers as `instance_id` and follows its assignment (pd_serve.instance.agent);
+    the registry is closed at shutdown."""
     inst = Instance(cfg, self_url)
 
     @asynccontextmanager

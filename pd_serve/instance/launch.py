@@ -1,13 +1,14 @@
-"""The local disaggregated deployment behind `pd-serve up`: decode instances, prefill instances
-(pointed at every decode instance) and the gateway, each a subprocess on loopback. The
-gateway knows the prefill instances by name (`prefill-0`, ...), so a config's scenarios may
-name them; without scenarios it serves one, "default", over all of them.
+"""The local disaggregated deployment behind `pd-serve up`: the orchestrator with its embedded
+registry, stateless instances (one per instance its groups need, plus `orchestrator.spares`)
+and the gateway, each a subprocess on loopback. The orchestrator forms the P/D group of every
+scenario from the stateless instances; the gateway forwards as its meta info says.
 
 Lifecycle:
-1. `LocalDeployment(config_path, cfg, ...)` picks free ports; nothing runs yet;
-2. `start()` spawns every process (decode first), `wait_healthy()` polls each /health;
-3. `stop()` sends SIGINT to the gateway, then prefill, then decode, waits for each (killing a
-   process that does not exit within 15 s); safe to call twice.
+1. `LocalDeployment(config_path, cfg, frontend_port, backend)` picks free ports; nothing runs;
+2. `start()` spawns the orchestrator, the instances and the gateway; `wait_healthy()` polls each
+   /health, then `wait_groups()` waits until every scenario has its target instances serving;
+3. `stop()` sends SIGINT to the orchestrator, then to the gateway and the instances, waits for
+   each (killing a process that does not exit within 15 s); safe to call twice.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -51,25 +53,37 @@ class LocalDeployment:
     def __post_init__(self) -> None:
         host = "127.0.0.1"
         base = [sys.executable, "-m", "pd_serve"]
-        common = ["--config", str(self.config_path), "--backend", self.backend,
-                  "--log-level", self.log_level]
-        decodes = [f"http://{host}:{free_port()}" for _ in range(self.cfg.pd.num_decode)]
-        for i, url in enumerate(decodes):
-            self.children.append(Child(f"decode-{i}", url, [
-                *base, "instance", "--role", "decode", "--port", _port(url), *common]))
-        for i in range(self.cfg.pd.num_prefill):
+        common = ["--config", str(self.config_path), "--log-level", self.log_level]
+        oport = self.cfg.orchestrator.port or free_port()
+        self.orchestrator_url = f"http://{host}:{oport}"
+        self.children.append(Child("orchestrator", self.orchestrator_url, [
+            *base, "orchestrator", "--registry", "embedded", "--port",
+            _port(self.orchestrator_url), *common]))
+        reg = ["--registry", self.orchestrator_url, "--backend", self.backend]
+        for i in range(self.instance_count):
             url = f"http://{host}:{free_port()}"
-            self.children.append(Child(f"prefill-{i}", url, [
-                *base, "instance", "--role", "prefill", "--port", _port(url),
-                "--decode-peers", ",".join(decodes), *common]))
-        prefills = [f"{c.name}={c.url}" for c in self.children if c.name.startswith("prefill")]
+            self.children.append(Child(f"instance-{i}", url, [
+                *base, "instance", "--port", _port(url), "--id", f"instance-{i}", *reg,
+                *common]))
         self.url = f"http://{host}:{self.frontend_port}"
         self.children.append(Child("gateway", self.url, [
-            *base, "gateway", "--port", str(self.frontend_port),
-            "--prefill", ",".join(prefills), *common]))
+            *base, "gateway", "--port", str(self.frontend_port), *reg, *common]))
 
-    def start(self) -> None:
-        for child in self.children:
+    @property
+    def instance_count(self) -> int:
+        groups = self.cfg.orchestrator.groups
+        return sum(g.prefill + g.decode for g in groups) + self.cfg.orchestrator.spares
+
+    def start(self, timeout: float = 60.0) -> None:
+        """The orchestrator first (its registry must answer), then everything else."""
+        self.children[0].proc = subprocess.Popen(self.children[0].cmd)
+        deadline = time.monotonic() + timeout
+        while not _healthy(self.orchestrator_url):
+            self._check_alive(self.children[0])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the orchestrator did not answer within {timeout:.0f} s")
+            time.sleep(0.2)
+        for child in self.children[1:]:
             child.proc = subprocess.Popen(child.cmd)
 
     def wait_healthy(self, timeout: float) -> None:
@@ -77,34 +91,68 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         for child in self.children:
             while not _healthy(child.url):
-                assert child.proc is not None
-                if child.proc.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
+                self._check_alive(child)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{child.name} ({child.url}) not healthy after "
                                        f"{timeout:.0f} s")
                 time.sleep(0.3)
 
-    def wait_any_exit(self) -> Child:
-        """Blocks until one process exits (the deployment is then broken)."""
+    def wait_groups(self, timeout: float) -> dict[str, Any]:
+        """Blocks until every scenario has its target prefill and decode instances serving;
+        the orchestrator's status then. RuntimeError on a timeout or a dead process."""
+        deadline = time.monotonic() + timeout
         while True:
+            status = self.status()
+            if status is not None and _complete(status):
+                return status
             for child in self.children:
+                self._check_alive(child)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the P/D groups did not form within {timeout:.0f} s "
+                                   f"(orchestrator status: {status and status['scenarios']})")
+            time.sleep(0.3)
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"{self.orchestrator_url}/status", timeout=5.0)
+            return dict(r.json()) if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def _check_alive(self, child: Child) -> None:
+        assert child.proc is not None
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
+
+    def wait_any_exit(self) -> Child:
+        """Blocks until the orchestrator or the gateway exits (the deployment is then broken;
+        a lost instance is the orchestrator's to replace)."""
+        while True:
+            for child in (self.children[0], self.children[-1]):
                 if child.proc is not None and child.proc.poll() is not None:
                     return child
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGINT)
-        for child in reversed(self.children):
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        """The orchestrator first (so stopping instances is not taken for failures), then the
+        gateway and the instances."""
+        for batch in (self.children[:1], list(reversed(self.children[1:]))):
+            for child in batch:
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGINT)
+            for child in batch:
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+
+
+def _complete(status: dict[str, Any]) -> bool:
+    return all(len(sc["prefill"]) >= sc["target"]["n_p"]
+               and len(sc["decode"]) >= sc["target"]["n_d"] for sc in status["scenarios"].values())
 
 
 def _port(url: str) -> str:

@@ -75,4 +75,42 @@ async def adjust_once(orch: Orchestrator, adjuster: Adjuster, now: float) -> Non
 
 
 async def profile_and_plan(orch: Orchestrator, name: str, body: dict[str, Any]) -> dict[str, Any]:
-    raise NotImplementedError  # replaced below once the profiler lands
+    """Profiles `name` through the first registered gateway (body: ProfileWorkload fields,
+    optional `budget` (default: the scenario's current target size), `traffic_rps`, `apply`)
+    and plans its ratio (Eq. 1; Eq. 2 for the admitted traffic); with `apply` the plan becomes
+    the scenario's target."""
+    from pd_serve.api.errors import APIError, bad_request
+    from pd_serve.orchestrator.planner import plan_ratio
+    from pd_serve.orchestrator.profiler import ProfileError, ProfileWorkload, profile_scenario
+
+    t = control._scenario(orch, name)
+    if not orch.gateways:
+        raise APIError(409, "no gateway is registered: profiling sends requests through one",
+                       code="no_gateway")
+    opts = dict(body)
+    budget = opts.pop("budget", t.n_p + t.n_d)
+    traffic = opts.pop("traffic_rps", None)
+    apply = bool(opts.pop("apply", False))
+    meta = orch.metas.get(name)
+    opts.setdefault("decode_instances", max(1, len(meta.decode) if meta else 1))
+    opts.setdefault("b_p", orch.cfg.pd.b_p)
+    try:
+        workload = ProfileWorkload(**opts)
+        budget = control._count(budget, "budget", 2)
+    except TypeError as exc:
+        raise bad_request(f"profile: {exc}", param="body") from exc
+    except ValueError as exc:
+        raise bad_request(str(exc), param="body") from exc
+    try:
+        profile = await profile_scenario(orch.gateways[0], name, workload)
+    except ProfileError as exc:
+        raise APIError(502, f"profiling {name} failed: {exc}", code="profile_failed") from exc
+    try:
+        plan = plan_ratio(profile, budget, traffic, min_per_role=orch.ocfg.min_per_role)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="budget") from exc
+    orch.plans[name] = plan.to_dict()
+    if apply:
+        await control.set_target(orch, name, plan.n_p, plan.n_d, why="planner")
+    return {"scenario": name, "profile": profile.to_dict(), "plan": plan.to_dict(),
+            "applied": apply}

@@ -120,8 +120,8 @@ class HttpRegistry:
             while not (cancelled.is_set() or self._stop.is_set()):
                 try:
                     r = self._call("GET", "/wait", params={"path": path, "since": since,
-                                                           "timeout_s": 10.0},
-                                   timeout=httpx.Timeout(20.0))
+                                                           "timeout_s": 3.0},
+                                   timeout=httpx.Timeout(15.0))
                     version = int(r.json()["version"])
                 except (RegistryError, ValueError, KeyError) as exc:
                     log.debug("registry watch on %s: %s", path, exc)

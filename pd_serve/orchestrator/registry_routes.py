@@ -10,7 +10,8 @@ Routes (JSON; errors in the OpenAI error shape):
 * DELETE /registry/node?path=                   -> {}
 * GET    /registry/children?path=               -> {"children"}
 * GET    /registry/wait?path=&since=&timeout_s= -> {"version"} once the subtree version of
-  `path` exceeds `since` (long poll, at most `timeout_s`, capped at 30 s)
+  `path` exceeds `since` (long poll, at most `timeout_s`, capped at MAX_WAIT_S so that a
+  graceful shutdown never waits on idle watchers)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pd_serve.api.errors import APIError, bad_request
 from pd_serve.api.http import read_object
 from pd_serve.orchestrator.embedded import EmbeddedStore
 from pd_serve.orchestrator.registry import RegistryError, check_path
+
+MAX_WAIT_S = 3.0
 
 
 def _path(path: str) -> str:
@@ -87,7 +90,7 @@ def registry_router(store: EmbeddedStore) -> APIRouter:
     @router.get("/wait")
     async def wait(path: str, since: int = 0, timeout_s: float = 10.0) -> dict[str, Any]:
         _path(path)
-        deadline = time.monotonic() + max(0.0, min(timeout_s, 30.0))
+        deadline = time.monotonic() + max(0.0, min(timeout_s, MAX_WAIT_S))
         while store.version(path) <= since and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         store.reap()
