@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pd_serve.api.errors import (
     APIError,
@@ -43,12 +43,14 @@ from pd_serve.instance.messages import (
     HandoffRequest,
     PrefillRequest,
 )
+from pd_serve.instance.metrics import InstanceMetrics
 from pd_serve.instance.prefill import PrefillRole
 from pd_serve.instance.prefill_queue import Ticket
 from pd_serve.instance.runtime import Runtime
 from pd_serve.orchestrator.registry import Registry
 
 log = logging.getLogger(__name__)
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _TicketedStream(StreamingResponse):
@@ -84,6 +86,7 @@ class Instance:
         self.draining = False
         self.state = "stateless"  # stateless | loading | ready | switching | releasing
         self.switches = 0
+        self.metrics = InstanceMetrics()
         self._assigning = asyncio.Lock()
 
     async def assign(self, msg: AssignRequest) -> dict[str, Any]:
@@ -252,6 +255,10 @@ def _routes(app: FastAPI, inst: Instance) -> None:
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         return await inst.stats()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(inst.metrics.render(inst), media_type=PROMETHEUS_TYPE)
 
     @app.post("/internal/assign")
     async def assign(request: Request) -> dict[str, Any]:
