@@ -181,6 +181,7 @@ class GatewayConfig:
     scenarios: tuple[ScenarioConfig, ...] = ()
     timeline_capacity: int = 1024  # finished request timelines kept for /debug/requests/{id}
     max_stats_samples: int = 10000  # latency samples per scenario kept for /stats percentiles
+    failure_text: str | None = None  # ends a request whose instance failed mid-way (else error)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.scenarios]

@@ -68,6 +68,7 @@ class Gateway:
     tok: Tokenizer
     limits: Limits
     samples: SampleLog
+    failure_text: str | None = None
 
     def ended(self, tl: Timeline) -> None:
         self.metrics.record(tl)
@@ -85,7 +86,8 @@ def build_gateway_app(cfg: ServeConfig, tok: Tokenizer, max_model_len: int,
                  gw_cfg.default_scenario, TimelineRing(gw_cfg.timeline_capacity),
                  GatewayMetrics(list(scenarios), gw_cfg.max_stats_samples), tok,
                  Limits(cfg.model.name, max_model_len, tok.vocab_size,
-                        cfg.server.max_tokens_default), SampleLog(gw_cfg.max_stats_samples))
+                        cfg.server.max_tokens_default), SampleLog(gw_cfg.max_stats_samples),
+                 gw_cfg.failure_text)
 
     follower = (MetaFollower(gw.fwd, registry_url, cfg.orchestrator.session_timeout_s,
                              f"http://{cfg.server.host}:{cfg.server.port}")
@@ -144,7 +146,7 @@ async def _respond(request: Request, gw: Gateway, sc: Scenario, arrival: float, 
     gw.ring.add(tl)
     try:
         run = await until_disconnect(request, admit_remote(
-            gw.fwd, sc, request_id, gw.limits.model_name, prep, tl, gw.ended))
+            gw.fwd, sc, request_id, gw.limits.model_name, prep, tl, gw.ended, gw.failure_text))
     except APIError as exc:
         if tl.outcome is None:
             outcome = {DEADLINE: TERMINATED, "client_disconnected": CANCELLED}.get(

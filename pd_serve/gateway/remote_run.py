@@ -5,7 +5,9 @@ Lifecycle:
 1. `admit_remote()` forwards the request (Forwarder.open) and waits for `first`; a termination
    or bad input is still a clean HTTP error;
 2. iterating `RemoteRest` reads the `handoff` event, closes the prefill stream, attaches to the
-   decode stream and yields one output per delta (text deltas from the cumulative text);
+   decode stream and yields one output per delta (text deltas from the cumulative text); when an
+   instance fails after the first token the request ends with a clear error, or, with
+   `gateway.failure_text` configured, with that text as its last delta;
 3. `aclose()` (client gone, error, or done) closes both streams, which aborts the request on
    whichever instance holds it, and asks decode to abort a hand-off not yet attached to, then
    ends the request's timeline (finished, failed or cancelled) and hands it to `on_end`.
@@ -42,12 +44,12 @@ DEADLINE = "ttft_deadline_exceeded"
 
 
 async def admit_remote(fwd: Forwarder, sc: Scenario, request_id: str, model: str,
-                       prep: Prepared, tl: Timeline,
-                       on_end: Callable[[Timeline], None]) -> gen.Run:
+                       prep: Prepared, tl: Timeline, on_end: Callable[[Timeline], None],
+                       failure_text: str | None = None) -> gen.Run:
     body = PrefillRequest(request_id=request_id, prompt_token_ids=prep.prompt_token_ids,
                           sampling=SamplingWire.of(prep.params)).model_dump(mode="json")
     prefill = await fwd.open(sc, body, tl)
-    rest = RemoteRest(fwd, request_id, prefill, tl, on_end)
+    rest = RemoteRest(fwd, request_id, prefill, tl, on_end, failure_text)
     try:
         first = FirstEvent.model_validate(await rest.expect("first"))
     except BaseException:
@@ -64,7 +66,7 @@ class RemoteRest:
     """Async iterator over the outputs after the first; `aclose()` releases everything."""
 
     def __init__(self, fwd: Forwarder, request_id: str, prefill: PrefillStream, tl: Timeline,
-                 on_end: Callable[[Timeline], None]) -> None:
+                 on_end: Callable[[Timeline], None], failure_text: str | None = None) -> None:
         self.fwd = fwd
         self.timeline = tl
         self.on_end = on_end
@@ -77,6 +79,9 @@ class RemoteRest:
         self.decode_url: str | None = None
         self.decode: httpx.Response | None = None
         self.finished = False
+        self.failure_text = failure_text
+        self._substituted = False
+        self._last: RequestOutput | None = None
         self._gen: AsyncIterator[RequestOutput] | None = None
 
     def __aiter__(self) -> RemoteRest:
@@ -85,15 +90,37 @@ class RemoteRest:
     async def __anext__(self) -> RequestOutput:
         if self._gen is None:
             self._gen = self._outputs()
+        if self._substituted:
+            raise StopAsyncIteration
         try:
-            return await self._gen.__anext__()
+            out = await self._gen.__anext__()
         except APIError as exc:
             self.error = exc.message
+            if self.failure_text is not None:
+                return self._substitute()
             raise
         except httpx.HTTPError as exc:
             self.error = repr(exc)
+            if self.failure_text is not None:
+                return self._substitute()
             raise APIError(502, f"lost the instance serving the request: {exc!r}",
                            type=SERVER_ERROR, code="instance_unavailable") from exc
+        self._last = out
+        return out
+
+    def _substitute(self) -> RequestOutput:
+        """The configured default text ends a request whose instance failed mid-way (the
+        paper's "answer the user with default text"); the timeline still records a failure."""
+        assert self.failure_text is not None and self.first is not None
+        log.warning("request %s failed after its first token (%s); answering with the "
+                    "configured default text", self.request_id, self.error)
+        self._substituted = True
+        last = self._last
+        text = (last.text if last is not None else self.first.text) + self.failure_text
+        tokens = last.completion_tokens if last is not None else 1
+        return RequestOutput(self.request_id, [], self.failure_text, text, True,
+                             FinishReason.STOP, self.first.prompt_tokens, tokens,
+                             self.first.cached_tokens)
 
     async def expect(self, name: str) -> dict[str, Any]:
         """The next prefill event, which must be `name`; an `error` event becomes APIError."""
