@@ -9,7 +9,10 @@ Rules (one reconcile pass; deterministic, instances in id order):
    scenario's other role (switched in place); a surplus instance of another scenario;
 3. an instance beyond every target is released back to stateless (it drains first);
 4. meta info lists only members that applied their assignment, are ready, healthy, undrained
-   and not leaving, so gateways and prefill instances never see one that cannot serve.
+   and not leaving, so gateways and prefill instances never see one that cannot serve; while a
+   group has no serving decode instance its prefill instances are not listed either (they
+   could not hand off), so new requests wait at the gateway, within their TTFT deadline, until
+   the group can serve again instead of failing.
 """
 
 from __future__ import annotations
@@ -98,8 +101,11 @@ def reconcile(view: View) -> Plan:
                if a.role is not None and a.scenario not in view.targets and i in view.instances]
     actions += [Assign(i, None, None) for i in sorted(orphans)]
     leaving = {a.instance for a in actions}
-    metas = {s: GroupMeta(scenario=s, prefill=_listed(view, s, "prefill", leaving),
-                          decode=_listed(view, s, "decode", leaving)) for s in view.targets}
+    metas = {}
+    for s in view.targets:
+        decode = _listed(view, s, "decode", leaving)
+        prefill = _listed(view, s, "prefill", leaving) if decode else []
+        metas[s] = GroupMeta(scenario=s, prefill=prefill, decode=decode)
     return Plan(actions, metas, short)
 
 
