@@ -57,6 +57,7 @@ class RegistryAgent:
         self._apply: asyncio.Task[None] | None = None
         self._cancels: list[Callable[[], None]] = []
         self._meta_watch: tuple[str, Callable[[], None]] | None = None
+        self._outage = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -98,8 +99,13 @@ class RegistryAgent:
             try:
                 await self._sync()
                 await self._report()
+                if self._outage:
+                    log.warning("registry reachable again")
+                self._outage = False
             except RegistryError as exc:
-                log.warning("registry: %s (serving on with what we know)", exc)
+                if not self._outage:  # once per outage, not every report interval
+                    log.warning("registry: %s (serving on with what we know)", exc)
+                self._outage = True
 
     async def _sync(self) -> None:
         assert self.registry is not None

@@ -40,10 +40,14 @@ class HttpRegistry:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _call(self, method: str, route: str, **kw: Any) -> httpx.Response:
+        if self._http.is_closed:
+            raise RegistryError(f"registry client of {self.url} is closed")
         try:
             r = self._http.request(method, route, **kw)
         except httpx.HTTPError as exc:
             raise RegistryError(f"registry at {self.url} unreachable: {exc}") from exc
+        except RuntimeError as exc:  # closed by another thread meanwhile
+            raise RegistryError(f"registry client of {self.url} is closed") from exc
         if r.status_code >= 400 and r.status_code not in (404, 410):
             raise RegistryError(f"registry at {self.url}: {r.status_code} {_message(r)}")
         return r

@@ -1,5 +1,6 @@
 """Contract tests of the Registry semantics (pd_serve.orchestrator.registry) for the embedded
-store and for ZkRegistry against a real ZooKeeper server (tests/zk_server.py)."""
+store, for HttpRegistry against the store served over the orchestrator's /registry routes, and
+for ZkRegistry against a real ZooKeeper server (tests/zk_server.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
+from pd_serve.api.errors import install_error_handlers
 from pd_serve.orchestrator.embedded import EmbeddedStore
+from pd_serve.orchestrator.http_registry import HttpRegistry
 from pd_serve.orchestrator.registry import Json, Registry, RegistryError
+from pd_serve.orchestrator.registry_routes import registry_router
 from pd_serve.orchestrator.zk_registry import ZkRegistry, parse_zk_url
+from tests.fake_orchestrator import Served
 from tests.zk_server import ZkServer, expire_session, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,20 +104,41 @@ def _zk(server: ZkServer) -> Backend:
     return Backend("zk", make, _silent_zk_put(url))
 
 
-@pytest.fixture(params=["embedded", pytest.param("zk", marks=pytest.mark.e2e)])
+def _http(store: EmbeddedStore, served: Served) -> Backend:
+    """HttpRegistry clients of the store served by an orchestrator's /registry routes."""
+
+    def make(session_timeout_s: float = SESSION_S, timeout_s: float = 3.0) -> Registry:
+        return HttpRegistry(served.url, session_timeout_s=session_timeout_s, timeout_s=timeout_s)
+
+    def silent_put(path: str, value: Json) -> None:
+        store.put(store.open_session(0.3), path, value, True)
+
+    return Backend("http", make, silent_put)
+
+
+@pytest.fixture(params=["embedded", "http", pytest.param("zk", marks=pytest.mark.e2e)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     store = EmbeddedStore(session_timeout_s=SESSION_S)
+    served = None
     if request.param == "embedded":
 
         def silent_put(path: str, value: Json) -> None:
             store.put(store.open_session(0.3), path, value, True)
 
         b = Backend("embedded", lambda **_: store.client(), silent_put)
+    elif request.param == "http":
+        app = FastAPI()
+        install_error_handlers(app)
+        app.include_router(registry_router(store))
+        served = Served(app).start()
+        b = _http(store, served)
     else:
         b = _zk(request.getfixturevalue("zk_server"))
     yield b
     for reg in b.clients:
         reg.close()
+    if served is not None:
+        served.stop()
     store.shutdown()
 
 
