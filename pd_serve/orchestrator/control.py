@@ -72,13 +72,14 @@ async def drain(orch: Orchestrator, iid: str, on: bool) -> dict[str, Any]:
 
 
 async def replace(orch: Orchestrator, iid: str) -> dict[str, Any]:
-    """Releases the instance (it drains first) and gives its role to a spare."""
+    """Gives the instance's role to a spare; the instance keeps serving until the spare does,
+    then drains and becomes a spare itself."""
     _instance(orch, iid)
     a = orch.assignments.get(iid)
     if a is None or a.role is None:
         raise APIError(409, f"instance `{iid}` has no role to hand over", param="id",
                        code="not_assigned")
-    orch.mark_failed(iid, "replaced by the operator")
+    await asyncio.to_thread(orch.replace, iid, "replaced by the operator")
     await asyncio.to_thread(orch.reconcile_once)
     repl = next((ev.replacement for ev in reversed(orch.recoveries.events)
                  if ev.failed == iid), None)
@@ -86,8 +87,11 @@ async def replace(orch: Orchestrator, iid: str) -> dict[str, Any]:
 
 
 async def rollout(orch: Orchestrator, model_path: Any) -> dict[str, Any]:
-    """Rolling model update, group by group and one instance at a time (drain, reload, rejoin);
-    the ratio stays. Progress in status()["rollout"]."""
+    """Rolling model update, group by group and one instance at a time; the ratio stays. With a
+    spare, make before break: the spare loads the new model and takes the instance's role, the
+    instance drains and becomes the next spare; without one, the instance drains, reloads and
+    rejoins (a role with a single instance then pauses: its requests wait at the gateway).
+    Progress in status()["rollout"]."""
     if not isinstance(model_path, str) or not model_path.strip():
         raise bad_request("model_path: expected a model directory", param="model_path")
     if orch.rollout_state is not None and orch.rollout_state.get("done") is None:
@@ -107,13 +111,29 @@ async def _roll(orch: Orchestrator, model_path: str) -> None:
         for name in sorted(orch.targets):
             for iid in sorted(i for i, a in orch.assignments.items() if a.scenario == name
                               and a.role is not None):
-                epoch = await asyncio.to_thread(orch.reassign, iid)
-                await _wait_serving(orch, iid, epoch)
+                view = groups.View(orch.instances, orch.assignments, orch.targets,
+                                   set(orch.failed), leaving=set(orch.leaving))
+                if groups.spares(view):
+                    await asyncio.to_thread(orch.replace, iid, "rolling update", False)
+                    orch.poke()
+                    await _wait_released(orch, iid)
+                else:
+                    epoch = await asyncio.to_thread(orch.reassign, iid)
+                    await _wait_serving(orch, iid, epoch)
                 state["updated"].append(iid)
     except Exception as exc:  # reported in status
         state["error"] = f"{type(exc).__name__}: {exc}"
         log.exception("rollout failed")
     state["done"] = time.time()
+
+
+async def _wait_released(orch: Orchestrator, iid: str) -> None:
+    """Until the replaced instance has handed over its role (its successor serves)."""
+    deadline = time.monotonic() + orch.ocfg.drain_timeout_s + 600.0
+    while iid in orch.leaving:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"instance {iid} was not replaced within the rollout timeout")
+        await asyncio.sleep(0.2)
 
 
 async def _wait_serving(orch: Orchestrator, iid: str, epoch: int) -> None:
@@ -142,7 +162,8 @@ def status(orch: Orchestrator) -> dict[str, Any]:
     instances = []
     for iid, rec in sorted(orch.instances.items()):
         state = "failed" if iid in orch.failed else (
-            "draining" if rec.draining or iid in orch.drained else rec.state)
+            "draining" if rec.draining or iid in orch.drained else
+            "leaving" if iid in orch.leaving else rec.state)
         instances.append({
             "id": iid, "url": rec.url, "role": rec.role, "scenario": rec.scenario,
             "state": state, "slots_used": rec.health.slots_used,

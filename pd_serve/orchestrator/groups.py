@@ -7,7 +7,9 @@ Rules (one reconcile pass; deterministic, instances in id order):
 1. members of (scenario, role) = live, not failed instances assigned there;
 2. a role short of its target takes, in order: a stateless spare; a surplus instance of the same
    scenario's other role (switched in place); a surplus instance of another scenario;
-3. an instance beyond every target is released back to stateless (it drains first);
+3. an instance beyond every target is released back to stateless (it drains first); one being
+   replaced (`leaving`) keeps serving, listed, until its role's other members that serve
+   cover the target again, and only then is released (make before break);
 4. meta info lists only members that applied their assignment, are ready, healthy, undrained
    and not leaving, so gateways and prefill instances never see one that cannot serve; while a
    group has no serving decode instance its prefill instances are not listed either (they
@@ -41,6 +43,7 @@ class View:
     targets: Mapping[str, Target]  # per scenario
     failed: set[str] = field(default_factory=set)  # failed health checks, still registered
     drained: set[str] = field(default_factory=set)  # operator-drained: out of meta, kept
+    leaving: set[str] = field(default_factory=set)  # being replaced: serve until replaced
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,11 @@ class Plan:
     short: dict[str, dict[str, int]]  # scenario -> role -> instances still missing
 
 
-def members(view: View, scenario: str, role: str) -> list[str]:
+def members(view: View, scenario: str, role: str, leaving: bool = False) -> list[str]:
+    """Live instances assigned to (scenario, role); `leaving`: those being replaced instead."""
     return sorted(i for i, a in view.assignments.items()
                   if a.role == role and a.scenario == scenario and i in view.instances
-                  and i not in view.failed)
+                  and i not in view.failed and (i in view.leaving) == leaving)
 
 
 def spares(view: View) -> list[str]:
@@ -97,14 +101,22 @@ def reconcile(view: View) -> Plan:
     taken = {a.instance for a in actions}
     for extra in surplus.values():
         actions += [Assign(i, None, None) for i in extra if i not in taken]
+    kept: set[str] = set()
+    for (scenario, role), have in current.items():  # make before break
+        covered = sum(serving(view, i, role) for i in have) >= view.targets[scenario].of(role)
+        for i in members(view, scenario, role, leaving=True):
+            if covered:
+                actions.append(Assign(i, None, None))
+            else:
+                kept.add(i)
     orphans = [i for i, a in view.assignments.items()
                if a.role is not None and a.scenario not in view.targets and i in view.instances]
     actions += [Assign(i, None, None) for i in sorted(orphans)]
     leaving = {a.instance for a in actions}
     metas = {}
     for s in view.targets:
-        decode = _listed(view, s, "decode", leaving)
-        prefill = _listed(view, s, "prefill", leaving) if decode else []
+        decode = _listed(view, s, "decode", leaving, kept)
+        prefill = _listed(view, s, "prefill", leaving, kept) if decode else []
         metas[s] = GroupMeta(scenario=s, prefill=prefill, decode=decode)
     return Plan(actions, metas, short)
 
@@ -122,6 +134,9 @@ def _take(free: list[str], surplus: dict[tuple[str, str], list[str]], scenario: 
     return None
 
 
-def _listed(view: View, scenario: str, role: str, leaving: set[str]) -> list[Member]:
-    return [Member(id=i, url=view.instances[i].url) for i in members(view, scenario, role)
+def _listed(view: View, scenario: str, role: str, leaving: set[str],
+            kept: set[str]) -> list[Member]:
+    ids = members(view, scenario, role) + sorted(
+        kept & set(members(view, scenario, role, leaving=True)))
+    return [Member(id=i, url=view.instances[i].url) for i in ids
             if i not in leaving and serving(view, i, role)]

@@ -57,6 +57,7 @@ class Orchestrator:
         self.targets = {g.scenario: groups.Target(g.prefill, g.decode) for g in self.ocfg.groups}
         self.failed: dict[str, str] = {}  # id -> reason (lost health, or replaced by operator)
         self.drained: set[str] = set()
+        self.leaving: dict[str, str] = {}  # id -> reason: replaced, serving until its successor
         self.model_path: str | None = None
         self.epoch = 0
         self.instances: dict[str, InstanceRecord] = {}
@@ -175,7 +176,8 @@ class Orchestrator:
             self._take_failures()
             self._settle_failed(instances, assignments)
             plan = groups.reconcile(groups.View(instances, assignments, dict(self.targets),
-                                                set(self.failed), set(self.drained)))
+                                                set(self.failed), set(self.drained),
+                                                set(self.leaving)))
             for act in plan.actions:
                 self._assign(act.instance, act.role, act.scenario)
             self._publish(plan.metas)
@@ -185,8 +187,13 @@ class Orchestrator:
 
     def _settle_failed(self, instances: dict[str, InstanceRecord],
                        assignments: dict[str, Assignment]) -> None:
-        """A failed or replaced instance is released; once it reports stateless again it is
-        healthy and becomes a spare."""
+        """A failed instance is released; once it reports stateless again it is healthy and
+        becomes a spare. A replaced (leaving) one is done once it is gone or stateless."""
+        for iid in list(self.leaving):
+            rec, a = instances.get(iid), assignments.get(iid)
+            if rec is None or (a is not None and a.role is None and rec.epoch >= a.epoch
+                               and rec.state == "stateless"):
+                del self.leaving[iid]
         for iid in list(self.failed):
             rec, a = instances.get(iid), assignments.get(iid)
             if rec is None:
@@ -230,6 +237,18 @@ class Orchestrator:
         for gone in set(self.metas) - set(metas):
             self.registry.delete(child(META, gone))
             del self.metas[gone]
+
+    def replace(self, iid: str, reason: str, record: bool = True) -> None:
+        """Blocking. Make before break: a spare (or the next instance to register) takes the
+        role; the instance keeps serving until then, then drains and becomes stateless.
+        `record`: log it as a recovery event (operator replacements; not rolling updates)."""
+        with self._lock:
+            a = self.assignments.get(iid)
+            if iid in self.leaving or iid in self.failed or a is None or a.role is None:
+                return
+            self.leaving[iid] = reason
+            if record:
+                self._open_recovery(iid, a, reason)
 
     def reassign(self, iid: str) -> int:
         """Blocking. Rewrites the instance's assignment (same role and scenario) with the current

@@ -81,6 +81,21 @@ def test_surplus_released_and_orphans_of_removed_scenarios() -> None:
     assert set(plan.actions) == {Assign("d2", None, None), Assign("x", None, None)}
 
 
+def test_replaced_instance_serves_until_its_successor_does() -> None:
+    pairs = [serving("p", "prefill"), serving("d", "decode"), (rec("spare"), None)]
+    v = view(pairs, {"s": Target(1, 1)})
+    v.leaving = {"d"}
+    plan = reconcile(v)
+    assert plan.actions == [Assign("spare", "decode", "s")]  # not yet released
+    assert [m.id for m in plan.metas["s"].decode] == ["d"] and plan.metas["s"].prefill
+    successor = serving("spare", "decode", epoch=2)
+    v = view([pairs[0], pairs[1], successor], {"s": Target(1, 1)})
+    v.leaving = {"d"}
+    plan = reconcile(v)
+    assert plan.actions == [Assign("d", None, None)]  # successor serves: release
+    assert [m.id for m in plan.metas["s"].decode] == ["spare"]
+
+
 def test_drained_instance_is_kept_but_not_listed() -> None:
     pairs = [serving("p", "prefill"), serving("d", "decode")]
     plan = reconcile(view(pairs, {"s": Target(1, 1)}, drained={"d"}))
