@@ -27,7 +27,8 @@ T = dict[str, Any]
 
 
 def write_orch_config(path: Path, registry: str, groups: Sequence[T], scenarios: Sequence[str],
-                      orchestrator: T | None = None, pd: T | None = None) -> Path:
+                      orchestrator: T | None = None, pd: T | None = None,
+                      gateway: T | None = None) -> Path:
     cfg = {"model": {"path": str(DEMO_MODEL), "backend": "torch", "threads": 1},
            "cache": {"block_size": 16, "num_blocks": 256},
            "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 2048},
@@ -36,7 +37,7 @@ def write_orch_config(path: Path, registry: str, groups: Sequence[T], scenarios:
                   "forward_deadline_s": 30.0, **(pd or {})},
            "gateway": {"default_scenario": scenarios[0], "scenarios": [
                {"name": s, "ttft_slo": [{"max_prompt_tokens": None, "deadline_s": 30.0}]}
-               for s in scenarios]},
+               for s in scenarios], **(gateway or {})},
            "orchestrator": {"registry": registry, "port": 0, "groups": list(groups),
                             "session_timeout_s": 3.0, "report_interval_s": 0.5,
                             "health_interval_s": 0.3, "health_failures": 2,
@@ -47,12 +48,13 @@ def write_orch_config(path: Path, registry: str, groups: Sequence[T], scenarios:
 
 class OrchCluster:
     def __init__(self, tmp: Path, registry: str, groups: Sequence[T],
-                 orchestrator: T | None = None, pd: T | None = None) -> None:
+                 orchestrator: T | None = None, pd: T | None = None,
+                 gateway: T | None = None) -> None:
         self.tmp = tmp
         self.registry = registry
         scenarios = [g["scenario"] for g in groups]
         self.config = write_orch_config(tmp / "orch.yaml", registry, groups, scenarios,
-                                        orchestrator, pd)
+                                        orchestrator, pd, gateway)
         self.orch: Proc | None = None
         self.gateway: Proc | None = None
         self.instances: list[Proc] = []

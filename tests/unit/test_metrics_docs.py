@@ -102,3 +102,21 @@ def test_instances_expose_only_documented_metrics(monkeypatch: pytest.MonkeyPatc
     names = asyncio.run(asyncio.wait_for(main(), timeout=60))
     assert {"pd_slots_in_use", "pd_handoff_bytes_total", "pd_prefill_seconds_bucket"} <= names
     assert not undocumented(names)
+
+
+def test_orchestrator_exposes_only_documented_metrics() -> None:
+    from pd_serve.orchestrator.metrics import OrchestratorMetrics
+
+    m = OrchestratorMetrics()
+    for role in ("prefill", "decode"):
+        m.instances.labels("chat", role).set(1)
+        m.targets.labels("chat", role).set(1)
+        m.failures.labels(role).inc()
+    m.ratio.labels("chat").set(1.0)
+    m.recoveries.inc()
+    m.recovery_s.observe(1.5)
+    m.adjustments.labels("chat", "add_decode").inc()
+    m.registry_up.set(1)
+    names = exposed(m.render().decode())
+    assert {"pd_scenario_instances", "pd_recovery_seconds_count", "pd_registry_up"} <= names
+    assert not undocumented(names)
