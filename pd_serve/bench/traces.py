@@ -29,12 +29,16 @@ FIRST_TOKEN_ID = 3  # ids below are special tokens (pad/bos/eos) in the demo tok
 
 @dataclass(frozen=True)
 class TraceRequest:
-    """One request of a trace: arrival (s from trace start), lengths in tokens, block ids."""
+    """One request of a trace: arrival (s from trace start; 0.0 for traces without times, whose
+    arrivals come from an arrival process), lengths in tokens, prefix-chained block ids (empty
+    when the trace has no prefix information), scenario tag and source (file:line)."""
 
     arrival_s: float
     input_len: int
     output_len: int
-    hash_ids: tuple[int, ...]
+    hash_ids: tuple[int, ...] = ()
+    scenario: str = "default"
+    source: str = ""
 
 
 @dataclass(frozen=True)
