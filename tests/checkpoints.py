@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
+
+    class HFCausalLM(PreTrainedModel, GenerationMixin):
+        """What `AutoModelForCausalLM.from_pretrained` returns: a model that can `generate`."""
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "models" / "shakespeare-llama"
@@ -57,7 +64,7 @@ def make_checkpoint(variant: str, out_dir: Path, seed: int = 0, shard: bool = Fa
     return out_dir
 
 
-def load_hf_model(model_dir: Path):
+def load_hf_model(model_dir: Path) -> HFCausalLM:
     """The transformers reference model for a checkpoint directory, float32, eval mode."""
     from transformers import AutoModelForCausalLM
 

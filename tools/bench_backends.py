@@ -71,7 +71,8 @@ def run_worker(args: argparse.Namespace) -> dict:
             logits = runner.prefill(batch)
             prefill_times.append(time.perf_counter() - t0)
         tokens = np.argmax(logits, axis=-1).tolist()
-        step_times, first_decode_s = [], None
+        step_times: list[float] = []
+        first_decode_s: float | None = None
         for step in range(args.decode_steps + 1):
             dec = DecodeBatch(tokens, [args.prompt_len + step] * b, tables)
             t0 = time.perf_counter()
@@ -82,6 +83,7 @@ def run_worker(args: argparse.Namespace) -> dict:
             else:
                 step_times.append(dt)
         p_med, d_med = statistics.median(prefill_times), statistics.median(step_times)
+        assert first_decode_s is not None  # the decode loop runs at least once
         results["batches"][str(b)] = {
             "prefill_tokens": b * args.prompt_len,
             "prefill_s_median": round(p_med, 4),

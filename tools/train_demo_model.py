@@ -18,6 +18,12 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -50,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def train_tokenizer(corpus: Path, vocab_size: int, out: Path):
+def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -75,7 +81,7 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path):
     return tok
 
 
-def model_config(args: argparse.Namespace, tok) -> object:
+def model_config(args: argparse.Namespace, tok: Tokenizer) -> LlamaConfig:
     from transformers import LlamaConfig
 
     eos = tok.token_to_id("<|endoftext|>")
@@ -83,13 +89,14 @@ def model_config(args: argparse.Namespace, tok) -> object:
         vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
         intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.context, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=args.context, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         attention_bias=False, mlp_bias=False,
     )
 
 
-def add_residual_dropout(model, rate: float) -> None:
+def add_residual_dropout(model: LlamaForCausalLM, rate: float) -> None:
     """Dropout on the embedding and on each MLP/attention output (training only).
 
     HF Llama has no residual dropout; on a 300k-token corpus the model memorises the training
@@ -97,7 +104,8 @@ def add_residual_dropout(model, rate: float) -> None:
     """
     import torch
 
-    def hook(module, _inputs, output):
+    def hook(module: torch.nn.Module, _inputs: tuple[Any, ...],
+             output: torch.Tensor | tuple[Any, ...]) -> torch.Tensor | tuple[Any, ...]:
         if isinstance(output, tuple):
             return (torch.nn.functional.dropout(output[0], rate, module.training),) + output[1:]
         return torch.nn.functional.dropout(output, rate, module.training)
@@ -108,7 +116,8 @@ def add_residual_dropout(model, rate: float) -> None:
         layer.self_attn.register_forward_hook(hook)
 
 
-def batches(data, seq_len: int, batch: int, gen):
+def batches(data: torch.Tensor, seq_len: int, batch: int,
+            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen)
@@ -117,7 +126,7 @@ def batches(data, seq_len: int, batch: int, gen):
     return x, y
 
 
-def evaluate(model, data, seq_len: int, device: str) -> float:
+def evaluate(model: LlamaForCausalLM, data: torch.Tensor, seq_len: int, device: str) -> float:
     import torch
 
     model.eval()
@@ -133,7 +142,7 @@ def evaluate(model, data, seq_len: int, device: str) -> float:
     return sum(losses) / len(losses)
 
 
-def train(args: argparse.Namespace, tok) -> dict:
+def train(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -144,7 +153,9 @@ def train(args: argparse.Namespace, tok) -> dict:
     split = int(len(data) * 0.95)
     train_data, val_data = data[:split], data[split:]
     cfg = model_config(args, tok)
-    model = LlamaForCausalLM(cfg).to(device)
+    # PreTrainedModel.to is wrapped with functools.wraps, and typeshed's _Wrapped does not bind
+    # `self` on a method, so mypy checks the first argument against `self` (hence the ignores).
+    model: LlamaForCausalLM = LlamaForCausalLM(cfg).to(device)  # type: ignore[arg-type]
     add_residual_dropout(model, args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
@@ -158,7 +169,9 @@ def train(args: argparse.Namespace, tok) -> dict:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     gen = torch.Generator().manual_seed(args.seed)
-    best, best_state, history, t0 = float("inf"), None, [], time.time()
+    best, t0 = float("inf"), time.time()
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = []
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -182,8 +195,9 @@ def train(args: argparse.Namespace, tok) -> dict:
                               for k, v in model.state_dict().items()}
     # A fresh model without the dropout hooks is what gets saved.
     model = LlamaForCausalLM(cfg)
+    assert best_state is not None, "no finite validation loss"
     model.load_state_dict(best_state)
-    model = model.to(torch.bfloat16)
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]  # functools.wraps, as above
     model.save_pretrained(str(args.out), safe_serialization=True)
     return {"params": n_params, "train_tokens": len(train_data), "val_tokens": len(val_data),
             "best_val_loss": best, "device": device, "history": history,

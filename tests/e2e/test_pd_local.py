@@ -36,9 +36,9 @@ def _client(base: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
 
 
-def greedy_outputs(client: openai.OpenAI) -> list[tuple[str, Any]]:
+def greedy_outputs(client: openai.OpenAI) -> list[tuple[str | None, Any]]:
     """Completions (plain and streamed), a chat, and a request that ends at prefill."""
-    outs: list[tuple[str, Any]] = []
+    outs: list[tuple[str | None, Any]] = []
     for i, prompt in enumerate(PROMPTS):
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8 + 7 * i,
                                       temperature=0, extra_body={"ignore_eos": i % 2 == 0})
@@ -55,7 +55,7 @@ def greedy_outputs(client: openai.OpenAI) -> list[tuple[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[str, Any]]]:
+def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[str | None, Any]]]:
     tmp = tmp_path_factory.mktemp("agg")
     proc = ServerProcess(write_config(tmp / "serve.yaml", "torch"), tmp / "log").start()
     try:
@@ -113,7 +113,7 @@ def check_clean(c: PDCluster) -> None:
 @pytest.mark.parametrize("cluster", [{"handoff_mode": m} for m in MODES], indirect=True,
                          ids=MODES)
 def test_greedy_equals_aggregated(cluster: PDCluster,
-                                  aggregated: list[tuple[str, Any]]) -> None:
+                                  aggregated: list[tuple[str | None, Any]]) -> None:
     assert cluster.frontend is not None
     assert greedy_outputs(_client(cluster.frontend.url)) == aggregated
     check_clean(cluster)
@@ -272,7 +272,7 @@ def test_client_cancel_leaves_no_leaks(cluster: PDCluster) -> None:
 
 @pytest.mark.slow
 def test_mindspore_greedy_equals_aggregated(tmp_path: Path,
-                                            aggregated: list[tuple[str, Any]]) -> None:
+                                            aggregated: list[tuple[str | None, Any]]) -> None:
     c = PDCluster(tmp_path, "mindspore", threads=1)
     try:
         c.start()

@@ -15,7 +15,8 @@ INSTANCES = {"prefill-0": "http://h:1", "prefill-1": "http://h:2"}
 
 
 def gw(data: dict[str, Any]) -> GatewayConfig:
-    return from_dict(ServeConfig, {"gateway": data}).gateway  # type: ignore[no-any-return]
+    cfg: ServeConfig = from_dict(ServeConfig, {"gateway": data})
+    return cfg.gateway
 
 
 def test_yaml_shape_loads() -> None:

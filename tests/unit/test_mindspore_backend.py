@@ -6,13 +6,21 @@ magnitude ~3). One runner per variant is shared by the module (graph compiles do
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from pd_serve.backends.base import DecodeBatch, PrefillBatch, RunnerConfig, SeqChunk
 from tests.checkpoints import load_hf_model
+
+if TYPE_CHECKING:
+    from pd_serve.backends.mindspore.runner import MindSporeRunner
+    from tests.checkpoints import HFCausalLM
+
+    Pair = tuple[MindSporeRunner, HFCausalLM]  # (our runner, transformers reference)
 
 ms_runner = pytest.importorskip("pd_serve.backends.mindspore.runner")
 torch = pytest.importorskip("torch")
@@ -31,7 +39,7 @@ def blocks(first: int, n_tokens: int) -> list[int]:
 
 
 @pytest.fixture(scope="module", params=VARIANT_NAMES)
-def pair(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]):
+def pair(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]) -> Iterator[Pair]:
     """(runner, hf_model) for one variant; the runner has 16 blocks of 16 tokens."""
     model_dir = tiny_checkpoints[request.param]
     runner = ms_runner.MindSporeRunner(RunnerConfig(model_dir=str(model_dir), block_size=BLOCK,
@@ -40,13 +48,13 @@ def pair(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]):
     runner.close()
 
 
-def hf_logits(hf, ids: list[int]) -> np.ndarray:
+def hf_logits(hf: HFCausalLM, ids: list[int]) -> np.ndarray:
     """[len(ids), vocab] logits of every position."""
     with torch.no_grad():
         return hf(torch.tensor([ids])).logits[0].numpy()
 
 
-def hf_generate(hf, ids: list[int], new: int) -> list[int]:
+def hf_generate(hf: HFCausalLM, ids: list[int], new: int) -> list[int]:
     with torch.no_grad():
         mask = torch.ones(1, len(ids), dtype=torch.long)
         out = hf.generate(torch.tensor([ids]), attention_mask=mask, do_sample=False,
@@ -54,7 +62,7 @@ def hf_generate(hf, ids: list[int], new: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def test_prefill_all_logits_match_hf(pair) -> None:
+def test_prefill_all_logits_match_hf(pair: Pair) -> None:
     runner, hf = pair
     ids = prompt(37)
     out = runner.prefill(PrefillBatch([SeqChunk(ids, 0, blocks(0, 37))], return_all_logits=True))
@@ -62,7 +70,7 @@ def test_prefill_all_logits_match_hf(pair) -> None:
     np.testing.assert_allclose(out[0], hf_logits(hf, ids), atol=ATOL, rtol=0)
 
 
-def test_decode_steps_match_hf(pair) -> None:
+def test_decode_steps_match_hf(pair: Pair) -> None:
     runner, hf = pair
     ids = prompt(37)
     seq = ids + hf_generate(hf, ids, 8)  # HF's argmax tokens are fed back step by step
@@ -75,7 +83,7 @@ def test_decode_steps_match_hf(pair) -> None:
         np.testing.assert_allclose(logits[0], ref[pos], atol=ATOL, rtol=0)
 
 
-def greedy(runner, ids: list[int], new: int, table: list[int]) -> list[int]:
+def greedy(runner: MindSporeRunner, ids: list[int], new: int, table: list[int]) -> list[int]:
     eos = set(runner.model_config.eos_token_ids)
     out = [int(runner.prefill(PrefillBatch([SeqChunk(ids, 0, table)]))[0].argmax())]
     while len(out) < new and out[-1] not in eos:
@@ -84,24 +92,24 @@ def greedy(runner, ids: list[int], new: int, table: list[int]) -> list[int]:
     return out
 
 
-def test_greedy_generation_matches_hf_generate(pair) -> None:
+def test_greedy_generation_matches_hf_generate(pair: Pair) -> None:
     runner, hf = pair
     ids = prompt(37, seed=1)
     assert greedy(runner, ids, 12, blocks(2, 49)) == hf_generate(hf, ids, 12)
 
 
-def test_batched_prefill_equals_each_alone(pair) -> None:
+def test_batched_prefill_equals_each_alone(pair: Pair) -> None:
     runner, _ = pair
     prompts = [prompt(37, seed=2), prompt(50, seed=3), prompt(20, seed=4)]
     tables = [blocks(0, 37), blocks(3, 50), blocks(7, 20)]
     batch = runner.prefill(PrefillBatch([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)]))
-    assert batch.shape == (3, runner.model_config.vocab_size)
+    assert isinstance(batch, np.ndarray) and batch.shape == (3, runner.model_config.vocab_size)
     for i, (p, t) in enumerate(zip(prompts, tables)):
         alone = runner.prefill(PrefillBatch([SeqChunk(p, 0, t)]))
         np.testing.assert_allclose(batch[i], alone[0], atol=ATOL, rtol=0)
 
 
-def test_prefix_cached_prefill_equals_cold(pair) -> None:
+def test_prefix_cached_prefill_equals_cold(pair: Pair) -> None:
     runner, _ = pair
     ids = prompt(37, seed=5)
     cold = runner.prefill(PrefillBatch([SeqChunk(ids, 0, blocks(0, 37))]))
@@ -111,7 +119,7 @@ def test_prefix_cached_prefill_equals_cold(pair) -> None:
     np.testing.assert_allclose(warm[0], cold[0], atol=ATOL, rtol=0)
 
 
-def test_kv_round_trip_into_other_blocks(pair) -> None:
+def test_kv_round_trip_into_other_blocks(pair: Pair) -> None:
     runner, _ = pair
     ids, src, dst = prompt(37, seed=6), [0, 1, 2], [9, 5, 11]
     runner.prefill(PrefillBatch([SeqChunk(ids, 0, src)]))
@@ -130,7 +138,7 @@ def test_kv_round_trip_into_other_blocks(pair) -> None:
     np.testing.assert_allclose(both[1], one[0], atol=ATOL, rtol=0)
 
 
-def test_lengths_in_one_bucket_compile_once(pair) -> None:
+def test_lengths_in_one_bucket_compile_once(pair: Pair) -> None:
     runner, _ = pair
     before = set(runner.compiled_shapes)
     for n in (33, 45, 64):
