@@ -35,7 +35,7 @@ def _write(tmp_path: Path, lines: list[str]) -> Path:
 def test_load_and_limit(tmp_path: Path) -> None:
     path = _write(tmp_path, [json.dumps(r) for r in ROWS[:3]] + [""])
     reqs = load_mooncake(path)
-    assert reqs[0] == TraceRequest(0.0, 1100, 300, (0, 1, 2))
+    assert reqs[0] == TraceRequest(0.0, 1100, 300, (0, 1, 2), source="trace.jsonl:1")
     assert reqs[2].arrival_s == 3.0 and len(reqs) == 3
     assert len(load_mooncake(path, limit=2)) == 2
 
