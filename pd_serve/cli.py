@@ -22,6 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from pd_serve.bench.cli import bench_app
 from pd_serve.config import ServeConfig, load_serve_config
 from pd_serve.console import console_app
 
@@ -238,6 +239,7 @@ def orchestrator(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = No
 
 
 app.add_typer(console_app, name="console")
+app.add_typer(bench_app, name="bench")
 
 
 def _fail(message: str) -> None:
