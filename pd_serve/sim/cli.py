@@ -1,0 +1,217 @@
+"""`pd-serve sim`: the simulator's commands, a typer sub-app (`sim_app`).
+
+* `profile`: measures a real ModelRunner in this process and writes a latency profile JSON;
+* `run`: replays a workload (built from the same options as `pd-serve bench run`) through a
+  simulated deployment (groups given per scenario or planned from an instance budget) and
+  prints and saves the summary.
+Exit status 0 ok, 2 bad arguments or input (one-line error).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pd_serve.bench import options as bo
+from pd_serve.sim.config import GatewaySpec, InstanceSpec, ScenarioSpec, SimConfig
+from pd_serve.sim.latency import HandoffModel, LatencyProfile
+from pd_serve.sim.summary import clean
+
+T = TypeVar("T")
+sim_app = typer.Typer(help="Discrete-event simulator driving the real policy code at scale.",
+                      no_args_is_help=True, add_completion=False)
+console = Console()
+if not console.is_terminal:  # pipes and logs: room for the summary table
+    console = Console(width=150)
+
+
+def _or_exit(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@sim_app.command()
+def profile(
+        out: Annotated[Path, typer.Option(help="Where to write the profile JSON.")],
+        backend: Annotated[str, typer.Option(help="torch | mindspore")] = "torch",
+        model: Annotated[str, typer.Option(help="Model directory.")] = "models/shakespeare-llama",
+        device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | ascend")] = "cpu",
+        threads: Annotated[int | None, typer.Option(
+            help="CPU threads (0: all cores). One thread keeps the measurements stable when "
+                 "other processes share the cores.")] = 1,
+        repeats: Annotated[int, typer.Option(min=1, help="Timed calls per shape.")] = 3,
+        handoff_results: Annotated[Path | None, typer.Option(
+            help="tools/bench_handoff.py results (default docs/results/handoff_BACKEND.json)")
+        ] = None,
+        handoff_gbps: Annotated[float | None, typer.Option(
+            help="Use a hand-off bandwidth (GB/s) instead of measured results.")] = None,
+        handoff_latency_ms: Annotated[float, typer.Option(
+            help="Fixed hand-off latency with --handoff-gbps.")] = 1.0) -> None:
+    """Measure prefill and decode step times of a real model and fit the latency models."""
+    from pd_serve.backends.base import RunnerConfig
+    from pd_serve.sim.profile import ProfileGrid, handoff_samples, profile_runner
+
+    root = Path(__file__).resolve().parents[2]
+    model_dir = model if Path(model).is_dir() else str(root / model)
+    handoff: Any
+    if handoff_gbps is not None:
+        handoff = _or_exit(lambda: HandoffModel(handoff_latency_ms / 1000, handoff_gbps * 1e9))
+        source = f"--handoff-gbps {handoff_gbps} --handoff-latency-ms {handoff_latency_ms}"
+    else:
+        path = handoff_results or root / "docs" / "results" / f"handoff_{backend}.json"
+        handoff = _or_exit(lambda: handoff_samples(path))
+        source = f"{_relative(path, root)} (mode bulk, total_ms)"
+    cfg = _or_exit(lambda: RunnerConfig(model_dir=model_dir, backend=backend, device=device,
+                                        threads=threads or None))
+    argv = sys.argv[sys.argv.index("profile") + 1:] if "profile" in sys.argv else []
+    prof = _or_exit(lambda: profile_runner(cfg, ProfileGrid(repeats=repeats), handoff,
+                                           " ".join(["pd-serve sim profile", *argv]),
+                                           lambda m: console.print(f"[dim]{m}[/dim]")))
+    prof.provenance["handoff_source"] = source
+    prof.save(out)
+    console.print(f"prefill {prof.prefill}\ndecode  {prof.decode}\nhandoff {prof.handoff}\n"
+                  f"fit errors {prof.provenance['fit_errors']}\nwrote {out} "
+                  f"({prof.provenance['profiling_s']} s of profiling)")
+
+
+def _relative(path: Path, root: Path) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
+def _groups(requests: list[Any], prof: LatencyProfile, spec: InstanceSpec, rtt_s: float,
+            groups: str | None, budget: int | None) -> dict[str, tuple[int, int]]:
+    from pd_serve.sim.options import parse_groups
+    from pd_serve.sim.plan import length_stats, plan_groups
+
+    names = sorted({r.scenario for r in requests})
+    if (groups is None) == (budget is None):
+        raise ValueError("give exactly one of --groups and --budget")
+    if groups is not None:
+        return parse_groups(groups, names)
+    assert budget is not None
+    plans = plan_groups(length_stats(requests), prof, spec, rtt_s, budget)
+    for name, plan in plans.items():
+        console.print(f"[dim]planner {name}: {plan.reason}[/dim]")
+    return {name: (p.n_p, p.n_d) for name, p in plans.items()}
+
+
+ProfileOpt = Annotated[Path, typer.Option("--profile", help="Latency profile JSON "
+                                          "(pd-serve sim profile).")]
+GroupsOpt = Annotated[str | None, typer.Option(help="n_p:n_d for every scenario, or "
+                                               "name=n_p:n_d,...")]
+BudgetOpt = Annotated[int | None, typer.Option(help="Instances per scenario, split n_p:n_d "
+                                               "by the planner.")]
+ModeOpt = Annotated[str, typer.Option(help="disaggregated | aggregated (n_p + n_d aggregated "
+                                      "instances: equal hardware).")]
+PolicyOpt = Annotated[str, typer.Option(help="Gateway policy: forwarding | fifo | "
+                                        "round_robin.")]
+IntOpt = Annotated[int, typer.Option()]
+RecordsOpt = Annotated[Path | None, typer.Option(help="Per-request records (JSONL).")]
+VllmOpt = Annotated[bool, typer.Option(help="Also compute pd-serve bench's (vLLM) metrics from "
+                                       "the simulated requests.")]
+
+
+@sim_app.command()
+def run(profile_path: ProfileOpt, trace: bo.Traces = None, trace_format: bo.TraceFormat = None,
+        num_prompts: bo.NumPrompts = None, input_len: bo.InputLen = 1024,
+        output_len: bo.OutputLen = 128, range_ratio: bo.RangeRatio = 0.0,
+        scale_policy: bo.ScalePolicy = "auto", scale_factor: bo.ScaleFactor = None,
+        block_tokens: bo.BlockTokens = None, max_model_len: bo.MaxModelLen = None,
+        max_output: bo.MaxOutput = None, scenario: bo.Scenario = None,
+        tag_scenarios: bo.Tag = None, arrival: bo.Arrival = None,
+        request_rate: bo.Rate = None, burstiness: bo.Burst = 1.0,
+        time_scale: bo.TimeScale = 1.0, spread: bo.Spread = False, seed: bo.Seed = 0,
+        goodput: bo.Goodput = None, slo_file: bo.SloFile = None,
+        groups: GroupsOpt = None, budget: BudgetOpt = None, mode: ModeOpt = "disaggregated",
+        policy: PolicyOpt = "forwarding", b_p: IntOpt = 4, max_num_seqs: IntOpt = 16,
+        max_num_batched_tokens: IntOpt = 2048, kv_blocks: IntOpt = 4096,
+        block_size: IntOpt = 16, prefix_cache_blocks: Annotated[int, typer.Option(
+            help="Prefill prefix-cache capacity in trace hash blocks (0: off).")] = 0,
+        rtt_ms: Annotated[float, typer.Option(help="Offer round trip (ms).")] = 1.0,
+        retry_interval_ms: Annotated[float, typer.Option()] = 20.0,
+        noise_cv: Annotated[float, typer.Option(help="Lognormal noise on step times.")] = 0.0,
+        result: bo.Result = None, records: RecordsOpt = None, vllm_metrics: VllmOpt = False,
+        ) -> None:
+    """Replay a workload (the options of `pd-serve bench run`) through a simulated deployment
+    and summarise TTFT/TPOT/E2E, throughput and SLO success per scenario."""
+    from pd_serve.sim.options import gateway_slo, slo_table, workload
+    from pd_serve.sim.run import simulate
+
+    values = dict(locals())
+    prof = _or_exit(lambda: LatencyProfile.load(profile_path))
+    reqs, fitted, arrivals = _or_exit(lambda: workload(values))
+    slos = _or_exit(lambda: slo_table(goodput, slo_file))
+    spec = _or_exit(lambda: InstanceSpec(
+        b_p, max_num_seqs, max_num_batched_tokens, kv_blocks, block_size,
+        prefix_cache_blocks=prefix_cache_blocks, hash_block_tokens=fitted.block_size or 512))
+    gw = _or_exit(lambda: GatewaySpec(rtt_ms / 1000, retry_interval_ms / 1000))
+    split = _or_exit(lambda: _groups(reqs, prof, spec, gw.rtt_s, groups, budget))
+    cfg = _or_exit(lambda: SimConfig(tuple(
+        ScenarioSpec(n, p, d, policy, *gateway_slo(slos.of(n)))
+        for n, (p, d) in sorted(split.items())), mode, spec, gw, noise_cv=noise_cv, seed=seed))
+    res = _or_exit(lambda: simulate(reqs, cfg, prof))
+    console.print(summary_table(res.summary, f"pd-serve sim: {fitted.name}, {mode}, {policy}"))
+    console.print(f"[dim]{res.events:,} events in {res.wall_s:.1f} s "
+                  f"({res.events / max(res.wall_s, 1e-9):,.0f} events/s), "
+                  f"simulated {res.sim_end_s:.1f} s[/dim]")
+    data = res.to_json() | {"profile": prof.provenance, "slo": slos.describe(),
+                            "workload": {"trace": fitted.name, "notes": list(fitted.notes),
+                                         "requests": len(reqs), "arrivals": asdict(arrivals)}}
+    if vllm_metrics:
+        data["vllm_metrics"] = _vllm_metrics(res.recorder, slos)
+    if result is not None:
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps(clean(data), indent=1) + "\n")
+        console.print(f"results: {result}")
+    if records is not None:
+        with records.open("w") as f:
+            for rec in res.recorder.records():
+                f.write(json.dumps(clean(rec)) + "\n")
+
+
+def _vllm_metrics(recorder: Any, slos: Any) -> dict[str, Any]:
+    from pd_serve.bench import report
+    from pd_serve.bench.metrics import compute_metrics, per_scenario
+    from pd_serve.sim.bench_records import duration_s, request_records
+
+    recs, dur = request_records(recorder), duration_s(recorder)
+    overall, scenarios = compute_metrics(recs, dur, slos=slos), per_scenario(recs, dur, slos=slos)
+    console.print(report.summary_table(overall, "Simulated run, pd-serve bench metrics"))
+    if len(scenarios) > 1:
+        console.print(report.scenario_table(scenarios))
+    return {"overall": overall.to_dict(),
+            "scenarios": {n: m.to_dict() for n, m in scenarios.items()}}
+
+
+def _f(x: Any, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if x is None else f"{x * scale:.{digits}f}"
+
+
+def summary_table(summary: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    cols = ("scenario", "requests", "finished", "terminated", "failed", "TTFT p50/p99 s",
+            "TPOT p50/p99 ms", "E2E p50/p99 s", "req/s", "tok/s", "SLO ok")
+    for c in cols:
+        table.add_column(c, justify="right")
+    rows = [*summary["scenarios"].items(), ("all", summary["overall"])]
+    for name, s in rows:
+        table.add_row(
+            name, str(s["requests"]), str(s["finished"]), str(s["terminated"]),
+            str(s["failed"]), f"{_f(s.get('ttft_p50_s'))}/{_f(s.get('ttft_p99_s'))}",
+            f"{_f(s.get('tpot_p50_s'), 1000, 1)}/{_f(s.get('tpot_p99_s'), 1000, 1)}",
+            f"{_f(s.get('e2e_p50_s'))}/{_f(s.get('e2e_p99_s'))}",
+            _f(s.get("throughput_rps"), digits=2), _f(s.get("output_tokens_per_s"), digits=1),
+            f"{_f(s.get('slo_success_rate'), 100, 1)}%")
+    return table

@@ -1,0 +1,152 @@
+"""A simulated prefill instance, following pd_serve.instance.prefill: `b_p` slots (the real
+SlotPool), offers decided by the real `decide_offer`, the optional local FIFO of the
+baselines, batched and chunked prefill (pd_serve.sim.engine), the first token, and the
+hand-off to the decode peer the real `rank_decode_peers` picks; the slot is held until decode
+has fetched the KV.
+
+Lifecycle of one request (who frees what):
+1. `offer(req)` (the offer arrives, half an RTT after the gateway sent it): rejected (nothing
+   held), `deadline_exceeded` (nothing held), started in a free slot, or queued in the FIFO
+   (nothing held; the request ends `terminated` if its budget runs out before a slot frees);
+2. prefill steps run until its prompt is computed: the first token leaves for the gateway;
+   a request with one output token ends here and its slot is freed;
+3. the hand-off is offered to the least busy decode peer (a draining one refuses: next peer);
+   no peer left: the request fails and its slot is freed;
+4. `handoff_done` (decode fetched the KV) frees the slot; a freed slot goes to the FIFO head.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from pd_serve.instance import admission as adm
+from pd_serve.sim.context import SimContext
+from pd_serve.sim.engine import Chunks, PrefillWork
+from pd_serve.sim.request import SimRequest
+
+
+class SimPrefill:
+    role = "prefill"
+
+    def __init__(self, name: str, ctx: SimContext) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.spec = ctx.spec
+        self.slots = adm.SlotPool(ctx.spec.b_p)
+        self.fifo: deque[SimRequest] = deque()
+        self.work = PrefillWork(ctx.spec, ctx.profile.prefill, ctx.noise)
+        self.stepping = False
+        self.peers: list[str] = []
+        self.in_flight: dict[str, int] = {}
+        self.draining = False
+        self.on_idle: Callable[[object], None] | None = None
+        self.served = 0  # first tokens produced
+
+    def offer(self, req: SimRequest) -> None:
+        now = self.loop.now
+        verdict = adm.decide_offer(free_slots=self.slots.free, queued=len(self.fifo),
+                               queue_max=self.spec.prefill_queue_max,
+                               wants_queue=req.deadline is not None, draining=self.draining,
+                               expired=adm.past_deadline(req.deadline, now))
+        req.verdict = verdict
+        self.loop.after(self.ctx.half_rtt, self.ctx.gateway.answer, req)
+        if verdict == "start":
+            req.prefill = self
+            slot = self.slots.acquire()
+            assert slot is not None
+            req.slot = slot
+            self._start(req)
+        elif verdict == "queue":
+            req.prefill = self
+            req.queued = True
+            self.fifo.append(req)
+            assert req.deadline is not None
+            self.loop.at(req.deadline, self._expire, req)
+
+    def _expire(self, req: SimRequest) -> None:
+        if req.queued:
+            self.fifo.remove(req)
+            req.queued = False
+            self.loop.after(self.ctx.half_rtt, self.ctx.gateway.expired_on_instance, req)
+            self._check_idle()
+
+    def _start(self, req: SimRequest) -> None:
+        self.work.add(req)
+        if not self.stepping:
+            self._step()
+
+    def _step(self) -> None:
+        chunks = self.work.compose(self.spec.max_num_seqs - len(self.work.running))
+        if chunks is not None:
+            self.stepping = True
+            self.loop.after(self.work.duration(chunks), self._step_done, chunks)
+
+    def _step_done(self, chunks: Chunks) -> None:
+        for req in self.work.complete(chunks):
+            self._prefilled(req)  # may start queued requests: they join the next step
+        self.stepping = False
+        self._step()
+
+    def _prefilled(self, req: SimRequest) -> None:
+        self.served += 1
+        req.first_token = self.loop.now + self.ctx.half_rtt
+        if req.output_len <= 1:
+            self._release(req)
+            self.loop.after(self.ctx.half_rtt, self.ctx.gateway.finished_at_prefill, req)
+            return
+        req.candidates = adm.rank_decode_peers(self.peers, self.in_flight)
+        self._offer_handoff(req)
+
+    def _offer_handoff(self, req: SimRequest) -> None:
+        """Offers the hand-off to the next candidate; none left: the request fails."""
+        if not req.candidates:
+            self._release(req)
+            self.loop.after(self.ctx.half_rtt, self.ctx.gateway.failed_at_prefill, req)
+            return
+        req.peer = req.candidates.pop(0)
+        self.loop.after(self.ctx.half_rtt, self.ctx.instances[req.peer].handoff_offer, req)
+
+    def handoff_refused(self, req: SimRequest) -> None:
+        self._offer_handoff(req)
+
+    def handoff_accepted(self, req: SimRequest) -> None:
+        self.in_flight[req.peer] = self.in_flight.get(req.peer, 0) + 1
+
+    def handoff_done(self, req: SimRequest) -> None:
+        """Decode fetched the KV (or gave up on it): the slot is free again."""
+        self.in_flight[req.peer] = max(0, self.in_flight.get(req.peer, 0) - 1)
+        self._release(req)
+
+    def _release(self, req: SimRequest) -> None:
+        """Frees `req`'s slot and hands free slots to the FIFO, as SlotQueue.release does."""
+        self.slots.release(req.slot)
+        req.slot = -1
+        now = self.loop.now
+        while self.fifo and self.slots.free:
+            waiter = self.fifo.popleft()
+            waiter.queued = False
+            if adm.past_deadline(waiter.deadline, now):
+                self.loop.after(self.ctx.half_rtt, self.ctx.gateway.expired_on_instance, waiter)
+                continue
+            slot = self.slots.acquire()
+            assert slot is not None
+            waiter.slot = slot
+            self._start(waiter)
+        self._check_idle()
+
+    @property
+    def idle(self) -> bool:
+        return self.slots.busy == 0 and not self.fifo
+
+    def _check_idle(self) -> None:
+        if self.on_idle is not None and self.idle:
+            self.on_idle(self)
+
+    def leak_check(self) -> None:
+        if self.slots.busy or self.fifo or self.work.busy or self.stepping:
+            raise AssertionError(f"{self.name}: {self.slots.busy} slots busy, {len(self.fifo)} "
+                                 f"queued, {self.work.busy} in the engine at the end")
+        if any(self.in_flight.values()):
+            raise AssertionError(f"{self.name}: hand-offs still in flight {self.in_flight}")
