@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pd_serve.bench import options as bo
-from pd_serve.sim.config import GatewaySpec, InstanceSpec, ScenarioSpec, SimConfig
+from pd_serve.orchestrator.adjuster import AdjusterConfig
+from pd_serve.sim.config import AdjustSpec, GatewaySpec, InstanceSpec, ScenarioSpec, SimConfig
 from pd_serve.sim.latency import HandoffModel, LatencyProfile
 from pd_serve.sim.summary import clean
 
@@ -142,6 +143,11 @@ def run(profile_path: ProfileOpt, trace: bo.Traces = None, trace_format: bo.Trac
         rtt_ms: Annotated[float, typer.Option(help="Offer round trip (ms).")] = 1.0,
         retry_interval_ms: Annotated[float, typer.Option()] = 20.0,
         noise_cv: Annotated[float, typer.Option(help="Lognormal noise on step times.")] = 0.0,
+        spares: Annotated[int, typer.Option(help="Stateless spare instances.")] = 0,
+        adjust: Annotated[bool, typer.Option(help="Run the online P/D adjuster.")] = False,
+        adjust_window_s: Annotated[float, typer.Option(help="Adjuster window.")] = 30.0,
+        switch_s: Annotated[float, typer.Option(help="Time an instance takes to switch "
+                                                "role (or a spare to load).")] = 5.0,
         result: bo.Result = None, records: RecordsOpt = None, vllm_metrics: VllmOpt = False,
         ) -> None:
     """Replay a workload (the options of `pd-serve bench run`) through a simulated deployment
@@ -160,9 +166,15 @@ def run(profile_path: ProfileOpt, trace: bo.Traces = None, trace_format: bo.Trac
     split = _or_exit(lambda: _groups(reqs, prof, spec, gw.rtt_s, groups, budget))
     cfg = _or_exit(lambda: SimConfig(tuple(
         ScenarioSpec(n, p, d, policy, *gateway_slo(slos.of(n)))
-        for n, (p, d) in sorted(split.items())), mode, spec, gw, noise_cv=noise_cv, seed=seed))
+        for n, (p, d) in sorted(split.items())), mode, spec, gw, spares,
+        AdjustSpec(AdjusterConfig(window_s=adjust_window_s, cooldown_s=4 * adjust_window_s),
+                   interval_s=min(5.0, adjust_window_s), switch_s=switch_s) if adjust else None,
+        noise_cv, seed))
     res = _or_exit(lambda: simulate(reqs, cfg, prof))
     console.print(summary_table(res.summary, f"pd-serve sim: {fitted.name}, {mode}, {policy}"))
+    for a in res.adjustments:
+        console.print(f"adjuster at {a['at']:.1f} s: {a['scenario']} {a['from']} -> {a['to']} "
+                      f"({a['reason']})")
     console.print(f"[dim]{res.events:,} events in {res.wall_s:.1f} s "
                   f"({res.events / max(res.wall_s, 1e-9):,.0f} events/s), "
                   f"simulated {res.sim_end_s:.1f} s[/dim]")

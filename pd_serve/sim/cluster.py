@@ -37,6 +37,7 @@ class Cluster:
         self.epoch = 0
         self.reconciles = 0
         self.switches = 0
+        self.switching: set[str] = set()  # drained or loading; `_become` applies the latest
 
     def form(self) -> None:
         if self.cfg.mode == "aggregated":
@@ -81,8 +82,11 @@ class Cluster:
             self.ctx.gateway.set_instances(name, prefill)
 
     def _reassigned(self, iid: str) -> None:
+        if iid in self.switching:
+            return  # its pending switch applies the latest assignment
         obj = self.ctx.instances.get(iid)
         if obj is None:  # a spare: loads the model for its role
+            self.switching.add(iid)
             self.ctx.loop.after(self._switch_s(), self._become, iid)
             return
         obj.draining = True
@@ -94,6 +98,7 @@ class Cluster:
         if obj.on_idle is None:
             return
         obj.on_idle = None
+        self.switching.add(obj.name)
         self.records[obj.name] = self.records[obj.name].model_copy(update={"state": "switching"})
         self.ctx.loop.after(self._switch_s(), self._become, obj.name)
 
@@ -102,6 +107,7 @@ class Cluster:
 
     def _become(self, iid: str) -> None:
         """The switch is over: the instance serves its assignment and is listed again."""
+        self.switching.discard(iid)
         self._apply(iid)
         self.reconcile()
 
