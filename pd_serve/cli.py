@@ -25,6 +25,7 @@ import typer
 from pd_serve.bench.cli import bench_app
 from pd_serve.config import ServeConfig, load_serve_config
 from pd_serve.console import console_app
+from pd_serve.sim.cli import sim_app
 
 T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -240,6 +241,7 @@ def orchestrator(config: ConfigOpt = Path(DEFAULT_PD_CONFIG), host: HostOpt = No
 
 app.add_typer(console_app, name="console")
 app.add_typer(bench_app, name="bench")
+app.add_typer(sim_app, name="sim")
 
 
 def _fail(message: str) -> None:
