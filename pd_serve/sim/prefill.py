@@ -106,7 +106,11 @@ class SimPrefill:
             self.loop.after(self.ctx.half_rtt, self.ctx.gateway.failed_at_prefill, req)
             return
         req.peer = req.candidates.pop(0)
-        self.loop.after(self.ctx.half_rtt, self.ctx.instances[req.peer].handoff_offer, req)
+        target = self.ctx.instances.get(req.peer)
+        if target is None or target.role != "decode":  # re-roled meanwhile: refused
+            self.loop.after(self.ctx.half_rtt * 2, self.handoff_refused, req)
+            return
+        self.loop.after(self.ctx.half_rtt, target.handoff_offer, req)
 
     def handoff_refused(self, req: SimRequest) -> None:
         self._offer_handoff(req)

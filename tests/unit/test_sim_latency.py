@@ -159,3 +159,19 @@ def test_handoff_samples_from_the_repo_results() -> None:
     samples = handoff_samples(root / "docs/results/handoff_torch.json")
     assert samples and all(s.bytes > 0 and s.seconds > 0 for s in samples)
     assert fit_handoff(samples).bytes_per_s > 0
+
+
+def test_profiling_drives_a_real_runner(demo_model_dir: Path) -> None:
+    from pd_serve.backends import create_runner
+    from pd_serve.backends.base import RunnerConfig
+
+    runner = create_runner(RunnerConfig(model_dir=str(demo_model_dir), backend="torch",
+                                        num_blocks=64, threads=1))
+    try:
+        pre = measure_prefill(runner, [((0, 16),), ((16, 8), (0, 4))], repeats=1)
+        dec = measure_decode(runner, [(20,), (5, 40)], repeats=1)
+    finally:
+        runner.close()
+    assert [s.chunks for s in pre] == [((0, 16),), ((16, 8), (0, 4))]
+    assert [s.contexts for s in dec] == [(20,), (5, 40)]
+    assert all(s.seconds > 0 for s in pre) and all(s.seconds > 0 for s in dec)
