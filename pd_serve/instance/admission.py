@@ -73,10 +73,15 @@ def decide_offer(*, free_slots: int, queued: int, queue_max: int, wants_queue: b
     return "queue"
 
 
-def rank_decode_peers(peers: Sequence[str], in_flight: Mapping[str, int]) -> list[str]:
-    """Peers ordered by hand-offs in flight, ties in the configured order."""
+def rank_decode_peers(peers: Sequence[str], in_flight: Mapping[str, int],
+                      start: int = 0) -> list[str]:
+    """Peers ordered by this prefill's hand-offs in flight, ties in configured order rotated to
+    begin at index `start` (callers advance it on every hand-off). Without the rotation every
+    prefill instance found an idle peer among the first `b_p` (it never has more hand-offs in
+    flight) and decode instances past the `b_p`-th got no work (found by the simulator)."""
+    n = len(peers)
     order = {p: i for i, p in enumerate(peers)}
-    return sorted(peers, key=lambda p: (in_flight.get(p, 0), order[p]))
+    return sorted(peers, key=lambda p: (in_flight.get(p, 0), (order[p] - start) % max(n, 1)))
 
 
 @dataclass

@@ -81,6 +81,7 @@ class PrefillRole:
         self.slots = self.queue.slots
         self.draining = False
         self.in_flight: dict[str, int] = {}
+        self._rotation = 0  # where rank_decode_peers starts breaking ties
         self._pending: dict[str, _Pending] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=10.0)
@@ -205,7 +206,9 @@ class PrefillRole:
             first_token_id=first_token_id, sampling=req.sampling,
             source=source_to_json(source), prefill_url=self.self_url).model_dump_json()
         reasons = [f"{peer}: dead" for peer in self.watch.health.dead() if peer in self.peers]
-        for peer in rank_decode_peers(self.watch.alive(self.peers), self.in_flight):
+        self._rotation += 1
+        for peer in rank_decode_peers(self.watch.alive(self.peers), self.in_flight,
+                                      self._rotation):
             try:
                 r = await self._http.post(f"{peer}/internal/handoff", content=body,
                                           headers={"content-type": "application/json"})

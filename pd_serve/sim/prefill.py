@@ -40,6 +40,7 @@ class SimPrefill:
         self.stepping = False
         self.peers: list[str] = []
         self.in_flight: dict[str, int] = {}
+        self.rotation = 0  # as the real prefill: rotates rank_decode_peers' tie order
         self.draining = False
         self.on_idle: Callable[[object], None] | None = None
         self.served = 0  # first tokens produced
@@ -96,7 +97,8 @@ class SimPrefill:
             self._release(req)
             self.loop.after(self.ctx.half_rtt, self.ctx.gateway.finished_at_prefill, req)
             return
-        req.candidates = adm.rank_decode_peers(self.peers, self.in_flight)
+        self.rotation += 1
+        req.candidates = adm.rank_decode_peers(self.peers, self.in_flight, self.rotation)
         self._offer_handoff(req)
 
     def _offer_handoff(self, req: SimRequest) -> None:

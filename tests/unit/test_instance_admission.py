@@ -25,6 +25,17 @@ def test_slot_pool_rejects_when_full_and_refuses_double_free() -> None:
 
 def test_rankings_fewest_in_flight_then_configured_order() -> None:
     assert rank_decode_peers(["a", "b", "c"], {"a": 2, "b": 0}) == ["b", "c", "a"]
+    assert rank_decode_peers(["a", "b", "c"], {"a": 2}, start=2) == ["c", "b", "a"]
+    assert rank_decode_peers(["a", "b", "c"], {}, start=4) == ["b", "c", "a"]
+    assert rank_decode_peers([], {}, start=3) == []
+
+
+def test_rotation_spreads_hand_offs_over_every_decode_peer() -> None:
+    """One prefill with at most 2 hand-offs in flight and 6 idle decode peers: advancing the
+    start reaches all of them (without it only the first two were ever chosen)."""
+    peers = [f"d{i}" for i in range(6)]
+    chosen = {rank_decode_peers(peers, {}, start)[0] for start in range(1, 7)}
+    assert chosen == set(peers)
     assert rank_prefills(["p", "q"], {"p": 1, "q": 1}) == ["p", "q"]
 
 
