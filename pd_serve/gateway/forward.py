@@ -133,7 +133,7 @@ class Forwarder:
 
 
 _REJECT_REASONS = {"no_free_slot": "all slots busy", "queue_full": "local queue full",
-                   "draining": "draining"}
+                   "draining": "draining", "no_decode_peer": "no live decode peer"}
 
 
 def _error_code(response: httpx.Response) -> str | None:

@@ -15,8 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Offer = Literal["start", "queue", "deadline_exceeded", "draining", "no_free_slot", "queue_full"]
-REJECTIONS: tuple[Offer, ...] = ("draining", "no_free_slot", "queue_full")  # answered with 429
+Offer = Literal["start", "queue", "deadline_exceeded", "draining", "no_decode_peer",
+                "no_free_slot", "queue_full"]
+REJECTIONS: tuple[Offer, ...] = ("draining", "no_decode_peer", "no_free_slot",
+                                 "queue_full")  # answered with 429
 
 
 class SlotPool:
@@ -52,16 +54,20 @@ def past_deadline(deadline: float | None, now: float) -> bool:
 
 
 def decide_offer(*, free_slots: int, queued: int, queue_max: int, wants_queue: bool,
-                 draining: bool, expired: bool) -> Offer:
+                 draining: bool, expired: bool, has_decode: bool = True) -> Offer:
     """What a prefill instance does with one offered request.
 
-    Draining instances refuse everything (the gateway moves on); a request whose budget is gone
-    ends at once without a slot; a free slot is taken only when nobody queues ahead (FIFO);
+    Draining instances refuse everything (the gateway moves on), and so does an instance with no
+    live decode peer (it could prefill but never hand off: the request waits at the gateway
+    instead of failing after its first token); a request whose budget is gone ends at once
+    without a slot; a free slot is taken only when nobody queues ahead (FIFO);
     otherwise the request is rejected (on-demand forwarding: it waits at the gateway) unless it
     asked for the local queue and the queue has room.
     """
     if draining:
         return "draining"
+    if not has_decode:
+        return "no_decode_peer"
     if expired:
         return "deadline_exceeded"
     if free_slots > 0 and queued == 0:

@@ -111,15 +111,25 @@ class DecodeRole:
                 try:
                     table = await self.rt.engine.call(partial(_reserve, rid=rid, n=n))
                 except Exception as exc:  # noqa: BLE001 - can never fit, or engine down
-                    self._queue.popleft()
-                    self.events.handoff_failed("reserve_failed")
-                    await self._fail(msg, f"cannot reserve KV blocks: {exc}")
+                    if self._still_head(msg):
+                        self._queue.popleft()
+                        self.events.handoff_failed("reserve_failed")
+                        await self._fail(msg, f"cannot reserve KV blocks: {exc}")
+                    continue
+                if not self._still_head(msg):  # aborted while we reserved: undo, go on
+                    if table is not None:
+                        await self._cancel_reservation(rid)
                     continue
                 if table is None:
                     break  # a finishing request wakes us
                 self._queue.popleft()
                 self._fetching += 1
                 self._spawn(self._retrieve(msg, source, table))
+
+    def _still_head(self, msg: HandoffRequest) -> bool:
+        """`abort` may remove the queue's head while the loop awaits the engine; popping
+        blindly then dropped the *next* hand-off (never answered, its prefill slot held)."""
+        return bool(self._queue) and self._queue[0][0] is msg
 
     async def _retrieve(self, msg: HandoffRequest, source: Any, table: Any) -> None:
         rid = msg.request_id

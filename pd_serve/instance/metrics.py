@@ -28,7 +28,8 @@ PREFILL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 HANDOFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)
 # pd_prefill_rejections_total{reason}: the 429 answers plus budgets gone before a slot came up.
-REJECTION_REASONS = ("draining", "no_free_slot", "queue_full", "deadline_exceeded")
+REJECTION_REASONS = ("draining", "no_decode_peer", "no_free_slot", "queue_full",
+                     "deadline_exceeded")
 # pd_handoff_failures_total{reason}, per side (each failure is counted by one side only).
 PREFILL_HANDOFF_FAILURES = ("stage_failed", "not_accepted", "confirm_timeout", "peer_lost")
 DECODE_HANDOFF_FAILURES = ("reserve_failed", "fetch_failed")

@@ -60,6 +60,7 @@ from pd_serve.instance.runtime import Runtime, source_to_json
 
 log = logging.getLogger(__name__)
 _REFUSALS = {"draining": "this prefill instance is draining",
+             "no_decode_peer": "this prefill instance has no live decode peer",
              "no_free_slot": "all {b_p} prefill slots are busy",
              "queue_full": "all {b_p} prefill slots are busy and {q} requests are queued"}
 
@@ -117,7 +118,8 @@ class PrefillRole:
         verdict = decide_offer(free_slots=self.slots.free, queued=self.queue.queued,
                                queue_max=self.queue.queue_max, wants_queue=req.queue,
                                draining=self.draining,
-                               expired=past_deadline(deadline, time.monotonic()))
+                               expired=past_deadline(deadline, time.monotonic()),
+                               has_decode=bool(self.watch.alive(self.peers)))
         if verdict in REJECTIONS:
             self.rejected[verdict] += 1
             raise APIError(429, _REFUSALS[verdict].format(b_p=self.slots.size,

@@ -40,6 +40,12 @@ def test_draining_refuses_and_expired_budget_never_starts() -> None:
     assert offer(expired=True, free_slots=0, wants_queue=True) == "deadline_exceeded"
 
 
+def test_no_live_decode_peer_refuses_so_the_request_waits_at_the_gateway() -> None:
+    assert offer(has_decode=False) == "no_decode_peer"
+    assert offer(has_decode=False, draining=True) == "draining"
+    assert offer(has_decode=False, wants_queue=True, free_slots=0) == "no_decode_peer"
+
+
 def test_past_deadline_is_a_function_of_deadline_and_clock() -> None:
     assert not past_deadline(None, 1e9)
     assert not past_deadline(10.0, 9.99)
