@@ -28,7 +28,9 @@ class ProfileError(RuntimeError):
 class Sample:
     """One finished request. Times are seconds on the profiler's monotonic clock: the gateway's
     relative timeline times plus the moment the request was sent (loopback-close to the
-    gateway's arrival time). `tokens`: (time, completion tokens so far), the first from prefill."""
+    gateway's arrival time). `ttft` runs from the gateway's arrival to the first token;
+    `accepted_at`: when the prefill `instance` accepted the request; `tokens`: (time, completion
+    tokens so far), the first from prefill."""
 
     instance: str
     ttft: float
@@ -36,6 +38,11 @@ class Sample:
     first_token_at: float
     decode_url: str | None
     tokens: tuple[tuple[float, int], ...]
+
+    @property
+    def arrived_at(self) -> float:
+        """The gateway's arrival time of the request on the profiler's clock."""
+        return self.first_token_at - self.ttft
 
     @property
     def completion_tokens(self) -> int:
