@@ -81,7 +81,7 @@ async def profile_and_plan(orch: Orchestrator, name: str, body: dict[str, Any]) 
     the scenario's target."""
     from pd_serve.api.errors import APIError, bad_request
     from pd_serve.orchestrator.planner import plan_ratio
-    from pd_serve.orchestrator.profiler import ProfileError, ProfileWorkload, profile_scenario
+    from pd_serve.orchestrator.profiler import ProfileError, ProfileWorkload, profile_report
 
     t = control._scenario(orch, name)
     if not orch.gateways:
@@ -102,9 +102,10 @@ async def profile_and_plan(orch: Orchestrator, name: str, body: dict[str, Any]) 
     except ValueError as exc:
         raise bad_request(str(exc), param="body") from exc
     try:
-        profile = await profile_scenario(orch.gateways[0], name, workload)
+        report = await profile_report(orch.gateways[0], name, workload)
     except ProfileError as exc:
         raise APIError(502, f"profiling {name} failed: {exc}", code="profile_failed") from exc
+    profile = report.profile
     try:
         plan = plan_ratio(profile, budget, traffic, min_per_role=orch.ocfg.min_per_role)
     except ValueError as exc:
@@ -113,4 +114,4 @@ async def profile_and_plan(orch: Orchestrator, name: str, body: dict[str, Any]) 
     if apply:
         await control.set_target(orch, name, plan.n_p, plan.n_d, why="planner")
     return {"scenario": name, "profile": profile.to_dict(), "plan": plan.to_dict(),
-            "applied": apply}
+            "notes": list(report.notes), "applied": apply}
