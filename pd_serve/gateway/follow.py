@@ -5,8 +5,9 @@ Lifecycle:
 1. `MetaFollower(fwd, registry_url, session_timeout_s, self_url)`; `start()` (on the event
    loop) connects on a worker thread, retrying every second while the registry is away,
    registers the gateway at /pd/gateways/{host:port} (ephemeral) and watches /pd/meta;
-2. each change: every configured scenario takes the prefill list of its meta (none: empty, so its
-   requests wait at the gateway until their TTFT deadline); unknown scenarios are logged once;
+2. each change: every configured scenario with meta info takes its prefill list (an empty list
+   makes its requests wait at the gateway until their TTFT deadline; a scenario without meta
+   info keeps its table, as when an orchestrator restarts); unknown scenarios are logged once;
 3. `stop()` cancels the watch and closes the registry client.
 While the registry is unreachable the gateway keeps forwarding on the last table it saw.
 """
@@ -96,7 +97,9 @@ class MetaFollower:
                         "serve (not in gateway.scenarios)", name)
         for name in self.fwd.scenarios:
             meta = metas.get(name)
-            urls = [m.url for m in meta.prefill] if meta is not None else []
+            if meta is None:  # no word from an orchestrator (e.g. one restarting): keep
+                continue
+            urls = [m.url for m in meta.prefill]
             if self.fwd.set_instances(name, urls):
                 self.updates += 1
                 log.info("gateway: scenario %s now forwards to %s", name, urls)

@@ -7,7 +7,9 @@ Lifecycle:
    (/pd/plan), announces itself (/pd/orchestrator), watches /pd/instances and starts the loops:
    reconcile (on every registry change and each second), health checks, sample collection from
    the gateways, the online adjuster (when on);
-2. reconcile (on a worker thread, one at a time): read instances and assignments, open a
+2. reconcile (on a worker thread, one at a time; nothing is assigned or published during the
+   first session timeout, while instances of a previous orchestrator re-register and are
+   adopted): read instances and assignments, open a
    recovery event for every assigned instance that vanished or failed, run the pure
    `groups.reconcile`, write the assignments it asks for (each with a new epoch) and every
    changed meta info;
@@ -164,7 +166,9 @@ class Orchestrator:
             self.gateways = [str(g["url"]) for g in (reg.get(child(GATEWAYS, n))
                                                      for n in reg.children(GATEWAYS))
                              if g and isinstance(g.get("url"), str)]
-            self.epoch = max([self.epoch, *(a.epoch for a in assignments.values())])
+            self.epoch = max([self.epoch, *(a.epoch for a in assignments.values()),
+                              *(r.epoch for r in instances.values())])
+            self._adopt(instances, assignments)
             for iid, a in list(assignments.items()):
                 if iid not in instances:
                     if a.role is not None and iid not in self.failed:
@@ -173,6 +177,10 @@ class Orchestrator:
                     reg.delete(child(ASSIGN, iid))
                     del assignments[iid]
             self.instances, self.assignments = instances, assignments
+            if time.time() - self.started < self.ocfg.session_timeout_s:
+                # Instances of a previous orchestrator re-register within a session timeout;
+                # acting earlier would replace the ones not back yet (and flap the meta info).
+                return groups.Plan([], {}, {})
             self._take_failures()
             self._settle_failed(instances, assignments)
             plan = groups.reconcile(groups.View(instances, assignments, dict(self.targets),
@@ -184,6 +192,20 @@ class Orchestrator:
             self.short = plan.short
             self._update_metrics()
             return plan
+
+    def _adopt(self, instances: dict[str, InstanceRecord],
+               assignments: dict[str, Assignment]) -> None:
+        """An instance serving a role with no assignment (the orchestrator restarted and its
+        embedded registry started empty) keeps its role: the assignment is written as it
+        reports it, with its own epoch, so it applies nothing and no request is disturbed."""
+        for iid, rec in instances.items():
+            if rec.role is not None and iid not in assignments and rec.scenario is not None:
+                a = Assignment(role=rec.role, scenario=rec.scenario, model_path=rec.model_path,
+                               drain=rec.draining, epoch=rec.epoch)
+                self.registry.put(child(ASSIGN, iid), a.to_json())
+                assignments[iid] = a
+                log.warning("adopted %s as %s/%s (it served without an assignment)", iid,
+                            rec.scenario, rec.role)
 
     def _settle_failed(self, instances: dict[str, InstanceRecord],
                        assignments: dict[str, Assignment]) -> None:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.e2e.orch_cluster import OrchCluster
+from tests.e2e.pd_cluster import Proc
 from tests.e2e.server_process import DEMO_MODEL
 from tests.e2e.test_orchestrator_zk import Load
 
@@ -134,3 +135,46 @@ def test_rollout_with_a_spare_is_make_before_break(cluster: OrchCluster, tmp_pat
     sc = s["scenarios"]["default"]  # type: ignore[index]
     for iid in (*sc["prefill"], *sc["decode"]):
         assert cluster.by_id(iid).stats()["model_path"] == str(new_model)
+
+
+def test_profile_route_measures_and_plans(cluster: OrchCluster) -> None:
+    r = post(cluster, "/scenarios/default/profile",
+             {"prompt_tokens": 32, "output_tokens": 4, "b_p": 2, "b_d": 2, "repeats": 1,
+              "budget": 4, "apply": False})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    plan, profile = body["plan"], body["profile"]
+    assert plan["n_p"] + plan["n_d"] == 4 and min(plan["n_p"], plan["n_d"]) >= 1
+    assert profile["xi"] >= 0 and profile["G"] == 3 and isinstance(body["notes"], list)
+    assert cluster.status()["scenarios"]["default"]["plan"]["n_p"] == plan["n_p"]
+    bad = post(cluster, "/scenarios/default/profile", {"prompt_tokens": -1})
+    assert bad.status_code == 400
+    assert post(cluster, "/scenarios/nope/profile").status_code == 404
+
+
+def test_orchestrator_restart_adopts_the_serving_instances(cluster: OrchCluster) -> None:
+    """The embedded registry starts empty after a restart: instances renew their sessions and
+    re-register, the orchestrator adopts their roles, nothing is re-roled or dropped."""
+    assert cluster.orch is not None
+    before = cluster.status()
+    sc = before["scenarios"]["default"]
+    serving_ids = [*sc["prefill"], *sc["decode"]]
+    switches = {i: cluster.by_id(i).stats()["role_switches"] for i in serving_ids}
+    load = Load(cluster, "default", 2, 16)
+    try:
+        port = cluster.orch.port
+        cluster.orch.stop()
+        time.sleep(1.0)  # the gateway keeps forwarding on its last table meanwhile
+        cluster.orch = Proc("orchestrator", ["orchestrator", "--config", str(cluster.config)],
+                            cluster.tmp / "orchestrator-2.log", port).wait_healthy()
+        after = cluster.wait_status(
+            lambda s: s["scenarios"]["default"]["prefill"] == sc["prefill"]
+            and s["scenarios"]["default"]["decode"] == sc["decode"]
+            and len(s["instances"]) == len(before["instances"]), 60, "adopted")
+        time.sleep(1.0)
+    finally:
+        load.finish()
+    assert load.errors == [] and load.ok > 0
+    assert after["recoveries"] == []  # a fresh orchestrator: nothing was lost
+    for iid in serving_ids:
+        assert cluster.by_id(iid).stats()["role_switches"] == switches[iid]
