@@ -21,12 +21,13 @@ from collections import deque
 from collections.abc import Callable
 
 from pd_serve.instance import admission as adm
+from pd_serve.sim.admit import SlotAdmission
 from pd_serve.sim.context import SimContext
 from pd_serve.sim.engine import Chunks, PrefillWork
 from pd_serve.sim.request import SimRequest
 
 
-class SimPrefill:
+class SimPrefill(SlotAdmission):
     role = "prefill"
 
     def __init__(self, name: str, ctx: SimContext) -> None:
@@ -45,33 +46,8 @@ class SimPrefill:
         self.on_idle: Callable[[object], None] | None = None
         self.served = 0  # first tokens produced
 
-    def offer(self, req: SimRequest) -> None:
-        now = self.loop.now
-        verdict = adm.decide_offer(free_slots=self.slots.free, queued=len(self.fifo),
-                               queue_max=self.spec.prefill_queue_max,
-                               wants_queue=req.deadline is not None, draining=self.draining,
-                               expired=adm.past_deadline(req.deadline, now))
-        req.verdict = verdict
-        self.loop.after(self.ctx.half_rtt, self.ctx.gateway.answer, req)
-        if verdict == "start":
-            req.prefill = self
-            slot = self.slots.acquire()
-            assert slot is not None
-            req.slot = slot
-            self._start(req)
-        elif verdict == "queue":
-            req.prefill = self
-            req.queued = True
-            self.fifo.append(req)
-            assert req.deadline is not None
-            self.loop.at(req.deadline, self._expire, req)
-
-    def _expire(self, req: SimRequest) -> None:
-        if req.queued:
-            self.fifo.remove(req)
-            req.queued = False
-            self.loop.after(self.ctx.half_rtt, self.ctx.gateway.expired_on_instance, req)
-            self._check_idle()
+    def _expired_hook(self) -> None:
+        self._check_idle()
 
     def _start(self, req: SimRequest) -> None:
         self.work.add(req)
