@@ -144,7 +144,9 @@ class RegistryAgent:
         if self._meta_watch is None:
             self._meta_watch = (scenario, self.registry.watch(path, self.poke))
         meta = GroupMeta.parse(await asyncio.to_thread(self.registry.get, path), path)
-        peers = [m.url.rstrip("/") for m in meta.decode] if meta is not None else []
+        if meta is None:  # no word from an orchestrator (e.g. one restarting): keep the peers
+            return
+        peers = [m.url.rstrip("/") for m in meta.decode]
         if self.inst.prefill is not None and peers != self.inst.prefill.peers:
             log.info("decode peers of %s: %s", self.id, peers)
             self.inst.prefill.set_peers(peers)

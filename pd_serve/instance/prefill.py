@@ -208,9 +208,8 @@ class PrefillRole:
             first_token_id=first_token_id, sampling=req.sampling,
             source=source_to_json(source), prefill_url=self.self_url).model_dump_json()
         reasons = [f"{peer}: dead" for peer in self.watch.health.dead() if peer in self.peers]
-        self._rotation += 1
-        for peer in rank_decode_peers(self.watch.alive(self.peers), self.in_flight,
-                                      self._rotation):
+        start, self._rotation = self._rotation, self._rotation + 1
+        for peer in rank_decode_peers(self.watch.alive(self.peers), self.in_flight, start):
             try:
                 r = await self._http.post(f"{peer}/internal/handoff", content=body,
                                           headers={"content-type": "application/json"})

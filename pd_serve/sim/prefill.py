@@ -73,8 +73,8 @@ class SimPrefill(SlotAdmission):
             self._release(req)
             self.loop.after(self.ctx.half_rtt, self.ctx.gateway.finished_at_prefill, req)
             return
-        self.rotation += 1
         req.candidates = adm.rank_decode_peers(self.peers, self.in_flight, self.rotation)
+        self.rotation += 1
         self._offer_handoff(req)
 
     def _offer_handoff(self, req: SimRequest) -> None:
