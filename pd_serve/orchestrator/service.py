@@ -48,6 +48,10 @@ from pd_serve.orchestrator.registry import (
 )
 
 log = logging.getLogger(__name__)
+# An instance that leaves the meta info keeps its role this long before it is re-roled or
+# released: longer than a registry watch takes to reach prefill instances and gateways, so none
+# of them hands it new work after it stopped serving (make before break).
+UNLIST_SETTLE_S = 2.0
 
 
 class Orchestrator:
@@ -80,6 +84,7 @@ class Orchestrator:
         self.plans: dict[str, dict[str, Any]] = {}  # scenario -> last planner result
         self._lock = threading.Lock()
         self._failures: deque[tuple[str, str]] = deque()
+        self._unlisted_at: dict[str, float] = {}  # when a listed instance left the meta info
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -186,9 +191,17 @@ class Orchestrator:
             plan = groups.reconcile(groups.View(instances, assignments, dict(self.targets),
                                                 set(self.failed), set(self.drained),
                                                 set(self.leaving)))
+            listed_before = {m.id for meta in self.metas.values()
+                             for m in (*meta.prefill, *meta.decode)}
+            self._publish(plan.metas)  # first: who leaves the meta info stops getting work
+            now = time.monotonic()
+            for iid in listed_before:
+                self._unlisted_at.setdefault(iid, now)
             for act in plan.actions:
+                since = self._unlisted_at.get(act.instance)
+                if since is not None and now - since < UNLIST_SETTLE_S:
+                    continue  # prefill instances and gateways may not have seen it go yet
                 self._assign(act.instance, act.role, act.scenario)
-            self._publish(plan.metas)
             self.short = plan.short
             self._update_metrics()
             return plan
@@ -239,6 +252,9 @@ class Orchestrator:
         log.info("assign %s -> %s/%s (epoch %d)", iid, scenario, role or "stateless", a.epoch)
 
     def _publish(self, metas: dict[str, GroupMeta]) -> None:
+        listed_ids = {m.id for meta in metas.values() for m in (*meta.prefill, *meta.decode)}
+        for iid in listed_ids:
+            self._unlisted_at.pop(iid, None)
         for name, meta in metas.items():
             old = self.metas.get(name)
             if old is None or (old.prefill, old.decode) != (meta.prefill, meta.decode) or \
