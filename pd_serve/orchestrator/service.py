@@ -195,7 +195,9 @@ class Orchestrator:
                              for m in (*meta.prefill, *meta.decode)}
             self._publish(plan.metas)  # first: who leaves the meta info stops getting work
             now = time.monotonic()
-            for iid in listed_before:
+            listed_now = {m.id for meta in plan.metas.values()
+                          for m in (*meta.prefill, *meta.decode)}
+            for iid in listed_before - listed_now:
                 self._unlisted_at.setdefault(iid, now)
             for act in plan.actions:
                 since = self._unlisted_at.get(act.instance)
