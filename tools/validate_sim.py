@@ -30,19 +30,21 @@ Steps (one process, about 10 minutes on the 2-core VM; `--quick`: about 3):
      ~1,100 against the profile; off by more than the tolerance: `pd-serve sim profile` is
      rerun (threads 1) into docs/results/sim_profile_cpu_torch_validate.json;
    * co-location at the workload's operating point: a decode batch of 2 x (256 prompt, 600
-     output) alone and while prefill-only requests of 512 tokens run back to back; the
-     slowdown of the decode step (f_d) and of the prefill (f_p) while the other role is busy.
-     Both instances, the gateway and the client share the 2 cores; a profile measured in
-     isolation cannot see this;
+     output) alone and while prefill-only requests of 16 and 512 tokens (in turn) run back to
+     back. The decode step slowdown is f_d; under decode load TTFT(n) = rtt_loaded + f_p x
+     prefill(n): the short prompt gives the additive delay (event loops and SSE relays busy
+     with the decode stream), the long one the compute slowdown f_p. Both instances, the
+     gateway and the client share the 2 cores; a profile measured in isolation sees none of it;
 3. capacity: a closed loop (`--max-concurrency 20`) of the workload; the rates are `--loads` of it;
 4. per rate: `pd-serve bench run` (load average and CPU per process recorded); optionally the
    highest rate once more (`--repeat`), which measures the real run-to-run spread;
 5. per rate: `pd-serve sim run` with the same workload options and seed (same requests at the same
    times), `--groups 1:1`, the same instance shape and `--vllm-metrics`, twice: *raw* (the
-   profile as is, `--rtt-ms` = bare RTT) and *calibrated* (first-token path RTT, decode overhead,
-   and co-location as a mean-field factor: the simulator gives every instance its own cores, so
-   each step is scaled by 1 + (f - 1) x (the fraction of time the other role is busy in the
-   simulated run), iterated to a fixed point). Nothing is fitted to the validation runs.
+   profile as is, `--rtt-ms` = bare RTT) and *calibrated* (decode overhead added; co-location as
+   mean-field terms, because the simulator gives every instance its own cores: prefill steps
+   x (1 + (f_p - 1) u_d), decode steps x (1 + (f_d - 1) u_p), RTT = rtt + (rtt_loaded - rtt)
+   u_d, with u_p, u_d the fractions of time prefill and decode are busy in the simulated run,
+   iterated to a fixed point). Nothing is fitted to the validation runs.
 
     python tools/validate_sim.py [--quick] [--out docs/results/sim_validation.json]
     python tools/validate_sim.py --reuse WORK/real.json   # analysis only, on saved real runs
@@ -97,7 +99,7 @@ SHAPE: dict[str, Any] = {
     "b_p": 4, "max_num_seqs": 16, "max_num_batched_tokens": 2048, "num_blocks": 2048,
     "block_size": 16, "threads": 1, "backend": "torch", "enable_prefix_caching": False}
 COLOC_DECODE = (256, 600, 2)  # prompt, output, batch of the co-location probe's decode batch
-COLOC_PREFILL = 512  # prompt tokens of its prefill loop
+COLOC_PREFILL = (16, 512)  # prompt tokens of its prefill loop (short: path; long: compute)
 METRICS = (("ttft_p50_ms", "median_ttft_ms"), ("ttft_p90_ms", "p90_ttft_ms"),
            ("tpot_p50_ms", "median_tpot_ms"), ("req_per_s", "request_throughput"),
            ("out_tok_per_s", "output_throughput"))
@@ -257,14 +259,16 @@ def steady_steps(res: LoadResult) -> dict[str, Any]:
             "one_chunk_per_token": one_per_token}
 
 
-async def _decode_under_prefill(url: str, batch: list[tuple[int, int]], prompt: int,
+async def _decode_under_prefill(url: str, batch: list[tuple[int, int]], prompts: list[int],
                                 ) -> tuple[LoadResult, list[LoadResult]]:
-    """The decode batch while prefill-only requests of `prompt` tokens run back to back."""
+    """The decode batch while prefill-only requests of `prompts` tokens (in turn) run back to
+    back."""
     cfg = ClientConfig(url, MODEL, temperature=0.0, request_id_prefix="probe-")
     prefills: list[LoadResult] = []
     task = asyncio.create_task(run_load(cfg, _reqs(batch)))
     while not task.done():
-        prefills.append(await run_load(cfg, _reqs([(prompt, 1)])))
+        n = prompts[len(prefills) % len(prompts)]
+        prefills.append(await run_load(cfg, _reqs([(n, 1)])))
     return await task, prefills
 
 
@@ -298,11 +302,11 @@ def run_probes(dep: Deployment, quick: bool) -> dict[str, Any]:
     # Python-heavy steps, many SSE events) and mid-length prompts (where TTFT p50 lies)
     alone: list[dict[str, Any]] = []
     loaded: list[dict[str, Any]] = []
-    pre: list[float] = []
+    pre: dict[str, list[float]] = {str(n): [] for n in COLOC_PREFILL}
     batch = [(COLOC_DECODE[0], COLOC_DECODE[1])] * COLOC_DECODE[2]
     for _ in range(1 if quick else 2):
         alone.append(steady_steps(_send_load(url, batch)))
-        d, ps = asyncio.run(_decode_under_prefill(url, batch, COLOC_PREFILL))
+        d, ps = asyncio.run(_decode_under_prefill(url, batch, list(COLOC_PREFILL)))
         _check(d)
         loaded.append(steady_steps(d))
         a, b = steady_window(d)
@@ -310,11 +314,11 @@ def run_probes(dep: Deployment, quick: bool) -> dict[str, Any]:
             _check(p)
             r = p.records[0]
             if a <= p.started_unix + r.send_s and p.started_unix + _ttft(r) + r.send_s <= b:
-                pre.append(_ttft(r))
+                pre[str(r.input_len)].append(_ttft(r))
     out["colocation"] = {"decode_batch": f"{COLOC_DECODE[2]} x ({COLOC_DECODE[0]} prompt, "
                                          f"{COLOC_DECODE[1]} output)",
-                         "prefill_loop": f"{COLOC_PREFILL}-token prompts, 1 output token, "
-                                         "back to back",
+                         "prefill_loop": f"prompts of {COLOC_PREFILL} tokens in turn, 1 "
+                                         "output token, back to back",
                          "decode_alone": alone, "decode_with_prefill": loaded,
                          "prefill_with_decode_ttft_s": pre}
     return out
@@ -388,10 +392,17 @@ def calibrate(probes: dict[str, Any], prof: LatencyProfile) -> dict[str, Any]:
     col = probes["colocation"]
     f_d = float(med([s["step_s"] for s in col["decode_with_prefill"]])
                 / med([s["step_s"] for s in col["decode_alone"]]))
+    # under decode load TTFT(n) = rtt_loaded + f_p * prefill(n): the short prompt gives the
+    # path (additive: busy event loops and relays), the long one the compute slowdown
     pre = col["prefill_with_decode_ttft_s"]
-    f_p = float((med(pre) - rtt) / lone[str(COLOC_PREFILL)]) if pre else 1.0
+    (n_s, t_s), (n_l, t_l) = ((int(n), float(med(ts))) for n, ts in sorted(
+        pre.items(), key=lambda kv: int(kv[0])))
+    m_s, m_l = (_sim_ttft(sim_probe(prof, [(n, 1)], 0.0)[0]) for n in (n_s, n_l))
+    f_p = (t_l - t_s) / (m_l - m_s)
+    rtt_loaded = t_s - f_p * m_s
     return {
         "rtt_bare_ms": 1000 * probes["rtt_bare_s"], "rtt_ms": 1000 * rtt,
+        "rtt_loaded_ms": 1000 * max(rtt, rtt_loaded),
         "first_token_path_overheads_ms": [round(1000 * v, 2) for v in over],
         "decode_overhead": {"intercept_ms": 1000 * a, "per_seq_ms": 1000 * b_,
                             "per_batch": per_b},
@@ -403,7 +414,9 @@ def calibrate(probes: dict[str, Any], prof: LatencyProfile) -> dict[str, Any]:
                           "decode_b16_model_ms": 1000 * d_model,
                           "decode_rel_err": d_model / big["step_s"] - 1},
         "colocation": {"f_p": max(1.0, f_p), "f_d": max(1.0, f_d), "f_p_measured": f_p,
-                       "f_d_measured": f_d, "prefill_samples": len(pre)}}
+                       "f_d_measured": f_d, "rtt_loaded_measured_ms": 1000 * rtt_loaded,
+                       "prefill_loaded_ttft_ms": {n_s: 1000 * t_s, n_l: 1000 * t_l},
+                       "prefill_samples": {n: len(ts) for n, ts in pre.items()}}}
 
 
 # ----- real and simulated runs of the validation workload --------------------------------------
@@ -489,7 +502,8 @@ def busy_fractions(recs: list[dict[str, Any]], prof: LatencyProfile, k_p: float,
 def calibrated_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], work: Path,
                    tag: str) -> dict[str, Any]:
     """The calibrated simulation of one rate: co-location factors iterated to a fixed point."""
-    rtt_ms = cal["rtt_ms"]
+    rtt0, rtt1 = cal["rtt_ms"], cal["rtt_loaded_ms"]
+    rtt_ms = rtt0
     dov = cal["decode_overhead"]
     prof0 = with_decode_overhead(base, dov["intercept_ms"] / 1000, dov["per_seq_ms"] / 1000)
     f_p, f_d = cal["colocation"]["f_p"], cal["colocation"]["f_d"]
@@ -505,13 +519,16 @@ def calibrated_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], w
         prof.save(path)
         out = sim_run(path, args, rtt_ms, work / f"sim_{tag}.json", work / f"sim_{tag}.jsonl")
         u_p, u_d = busy_fractions(out["records"], base, k_p, rtt_ms / 1000)
-        history.append({"iteration": it, "k_p": k_p, "k_d": k_d, "u_p": u_p, "u_d": u_d})
+        history.append({"iteration": it, "k_p": k_p, "k_d": k_d, "rtt_ms": rtt_ms, "u_p": u_p,
+                        "u_d": u_d})
         new_p, new_d = 1 + (f_p - 1) * u_d, 1 + (f_d - 1) * u_p
-        if abs(new_p - k_p) < 0.005 and abs(new_d - k_d) < 0.005:
+        new_rtt = rtt0 + (rtt1 - rtt0) * u_d
+        if abs(new_p - k_p) < 0.005 and abs(new_d - k_d) < 0.005 and \
+                abs(new_rtt - rtt_ms) < 0.05:
             break
-        k_p, k_d = new_p, new_d
+        k_p, k_d, rtt_ms = new_p, new_d, new_rtt
     out["fixed_point"] = history
-    out["k_p"], out["k_d"] = k_p, k_d
+    out["k_p"], out["k_d"], out["rtt_ms"] = k_p, k_d, rtt_ms
     return out
 
 
@@ -644,7 +661,7 @@ def compact(result: dict[str, Any]) -> dict[str, list[Any]]:
 
 def reprofile() -> dict[str, Any]:
     cmd = [PY, "-m", "pd_serve", "sim", "profile", "--backend", "torch", "--threads", "1",
-           "--out", str(REPROFILE)]
+           "--out", str(REPROFILE.relative_to(ROOT))]
     load0 = _load()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     return {"command": _cmdline(cmd), "load_avg_before": load0, "load_avg_after": _load(),
@@ -677,6 +694,7 @@ def analyse(real: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[
                    "load_avg_after": run["load_avg_after"], "cores_used": run["cores_used"],
                    "failed": run["metrics"]["failed"], "command": run["command"]},
                "sim_command": calib["command"], "k_p": calib["k_p"], "k_d": calib["k_d"],
+               "rtt_ms": calib["rtt_ms"],
                "fixed_point": calib["fixed_point"],
                "raw": compare(run["metrics"], raw["metrics"], args.tolerance),
                "calibrated": compare(run["metrics"], calib["metrics"], args.tolerance)}
