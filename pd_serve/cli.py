@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pd_serve.bench.cli import bench_app
+from pd_serve.cli_errors import or_exit
 from pd_serve.config import ServeConfig, load_serve_config
 from pd_serve.console import console_app
 from pd_serve.sim.cli import sim_app
@@ -253,11 +254,8 @@ def _urls(csv: str) -> list[str]:
 
 
 def _or_exit_runtime(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    """A RuntimeError (a process died, a registry is unreachable) becomes exit status 1."""
+    return or_exit(fn, (RuntimeError,), 1)
 
 
 def _sample(base: str, cfg: ServeConfig) -> None:
@@ -288,13 +286,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _or_exit(fn: Callable[[], T]) -> T:
-    """Runs `fn`; bad configuration or input becomes a one-line error and exit status 2."""
-    try:
-        return fn()
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+_or_exit = or_exit  # bad configuration or input: one line and exit status 2
 
 
 def main() -> None:

@@ -142,6 +142,15 @@ def evaluate(model: LlamaForCausalLM, data: torch.Tensor, seq_len: int, device: 
     return sum(losses) / len(losses)
 
 
+def lr_at(step: int, peak: float, steps: int) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def train(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
@@ -160,21 +169,13 @@ def train(args: argparse.Namespace, tok: Tokenizer) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay)
-    warmup = max(1, args.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, args.steps - warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
     gen = torch.Generator().manual_seed(args.seed)
     best, t0 = float("inf"), time.time()
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     for step in range(args.steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, args.lr, args.steps)
         x, y = batches(train_data, args.seq_len, args.batch, gen)
         x, y = x.to(device), y.to(device)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):

@@ -26,6 +26,7 @@ from pd_serve.api.protocol import ModelCard, ModelList
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # every process's /metrics
 
 
 def require_api_key(api_keys: tuple[str, ...]) -> Callable[[Request], Awaitable[None]]:

@@ -25,6 +25,7 @@ from pd_serve.bench import options as o
 from pd_serve.bench import report
 from pd_serve.bench.runner import run_point
 from pd_serve.bench.sweep import SweepSpec, geometric_rates, run_sweep
+from pd_serve.cli_errors import or_exit
 
 T = TypeVar("T")
 bench_app = typer.Typer(help="Benchmark an OpenAI-compatible endpoint (vLLM bench serve metrics).",
@@ -40,13 +41,7 @@ StopBelow = Annotated[float | None, o.Opt(help="Stop the ladder below this attai
 Cooldown = Annotated[float, o.Opt(help="Pause (s) between load points.")]
 
 
-def _or_exit(fn: Callable[[], T]) -> T:
-    """Bad options or input become a one-line error and exit status 2."""
-    try:
-        return fn()
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+_or_exit = or_exit  # bad options or input: one line and exit status 2
 
 
 def _write(path: Path | None, data: dict[str, Any], console: Console) -> None:
@@ -125,6 +120,24 @@ def sweep(base_url: o.Url = "http://127.0.0.1:8000", endpoint: o.Endpoint = "com
 
     settings, server, loaded, spec = _or_exit(parse)
     meta = _or_exit(lambda: o.parse_metadata(metadata))
+    outcome = _or_exit(lambda: run_sweep(spec, _point_runner(settings, loaded, cooldown,
+                                                               console)))
+    console.print(report.sweep_table(outcome))
+    best, per = outcome.max_rate, outcome.max_rate_per_instance
+    console.print(f"max goodput: {'-' if best is None else f'{best:g}'} req/s, per instance "
+                  f"{'-' if per is None else f'{per:.3g}'} req/s"
+                  f"{'' if outcome.bounded else ' (a lower bound: no rate missed the target)'}"
+                  f"; interpolated crossing: {_g(outcome.interpolated_rate)} req/s")
+    base = {**report.header(label, meta), "server": server,
+            "config": o.config_dict(settings, loaded)}
+    _write(result, report.sweep_json(base, outcome), console)
+    if plot is not None:
+        console.print(f"plot: {report.plot_sweep(outcome, plot, label)}")
+
+
+def _point_runner(settings: Any, loaded: Any, cooldown: float,
+                  console: Console) -> Callable[[float], tuple[float, Any]]:
+    """The sweep's measurement of one offered rate: (SLO attainment, run result)."""
     count = 0
 
     def measure(rate: float) -> tuple[float, Any]:
@@ -140,18 +153,7 @@ def sweep(base_url: o.Url = "http://127.0.0.1:8000", endpoint: o.Endpoint = "com
                       f"{res.metrics.failed}")
         return attainment, res
 
-    outcome = _or_exit(lambda: run_sweep(spec, measure))
-    console.print(report.sweep_table(outcome))
-    best, per = outcome.max_rate, outcome.max_rate_per_instance
-    console.print(f"max goodput: {'-' if best is None else f'{best:g}'} req/s, per instance "
-                  f"{'-' if per is None else f'{per:.3g}'} req/s"
-                  f"{'' if outcome.bounded else ' (a lower bound: no rate missed the target)'}"
-                  f"; interpolated crossing: {_g(outcome.interpolated_rate)} req/s")
-    base = {**report.header(label, meta), "server": server,
-            "config": o.config_dict(settings, loaded)}
-    _write(result, report.sweep_json(base, outcome), console)
-    if plot is not None:
-        console.print(f"plot: {report.plot_sweep(outcome, plot, label)}")
+    return measure
 
 
 def _g(x: float | None) -> str:

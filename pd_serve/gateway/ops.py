@@ -11,12 +11,11 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from pd_serve.api.errors import APIError
+from pd_serve.api.http import PROMETHEUS_TYPE
 from pd_serve.gateway.forward import Forwarder
 from pd_serve.gateway.metrics import GatewayMetrics
 from pd_serve.gateway.samples import SampleLog
 from pd_serve.gateway.timeline import TimelineRing
-
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def operator_router(fwd: Forwarder, ring: TimelineRing, metrics: GatewayMetrics,

@@ -32,7 +32,7 @@ from pd_serve.api.errors import (
     bad_request,
     install_error_handlers,
 )
-from pd_serve.api.http import SSE_HEADERS, parse_body
+from pd_serve.api.http import PROMETHEUS_TYPE, SSE_HEADERS, parse_body
 from pd_serve.config import ServeConfig
 from pd_serve.instance.agent import RegistryAgent
 from pd_serve.instance.decode import DecodeRole
@@ -50,7 +50,6 @@ from pd_serve.instance.runtime import Runtime
 from pd_serve.orchestrator.registry import Registry
 
 log = logging.getLogger(__name__)
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _TicketedStream(StreamingResponse):
@@ -239,11 +238,14 @@ def build_app(cfg: ServeConfig, self_url: str, role: str | None = None,
 
     app = FastAPI(title="pd-serve instance", lifespan=lifespan)
     install_error_handlers(app)
-    _routes(app, inst)
+    _control_routes(app, inst)
+    _serving_routes(app, inst)
     return app
 
 
-def _routes(app: FastAPI, inst: Instance) -> None:
+def _control_routes(app: FastAPI, inst: Instance) -> None:
+    """Health, statistics, metrics, and the orchestrator's role and drain controls."""
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if inst.runtime is None:
@@ -264,6 +266,22 @@ def _routes(app: FastAPI, inst: Instance) -> None:
     async def assign(request: Request) -> dict[str, Any]:
         return await inst.assign(await parse_body(request, AssignRequest))
 
+    @app.post("/internal/release")
+    async def release() -> dict[str, Any]:
+        return await inst.release()
+
+    @app.post("/internal/drain")
+    async def drain() -> dict[str, Any]:
+        return inst.drain(True)
+
+    @app.post("/internal/undrain")
+    async def undrain() -> dict[str, Any]:
+        return inst.drain(False)
+
+
+def _serving_routes(app: FastAPI, inst: Instance) -> None:
+    """The request path: prefill offers, hand-offs and their confirmation, decode streams."""
+
     @app.post("/internal/prefill", response_model=None)
     async def prefill(request: Request) -> StreamingResponse:
         arrived = time.monotonic()  # deadline_s counts from here
@@ -277,18 +295,6 @@ def _routes(app: FastAPI, inst: Instance) -> None:
     async def handoff(request: Request) -> JSONResponse:
         queued = inst.need_decode().accept(await parse_body(request, HandoffRequest))
         return JSONResponse({"queued": queued}, status_code=202)
-
-    @app.post("/internal/release")
-    async def release() -> dict[str, Any]:
-        return await inst.release()
-
-    @app.post("/internal/drain")
-    async def drain() -> dict[str, Any]:
-        return inst.drain(True)
-
-    @app.post("/internal/undrain")
-    async def undrain() -> dict[str, Any]:
-        return inst.drain(False)
 
     @app.post("/internal/handoff_done")
     async def handoff_done(request: Request) -> dict[str, bool]:

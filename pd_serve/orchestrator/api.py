@@ -13,17 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from pd_serve.api.errors import install_error_handlers
-from pd_serve.api.http import read_object
+from pd_serve.api.http import PROMETHEUS_TYPE, read_object
 from pd_serve.orchestrator import control
 from pd_serve.orchestrator.embedded import EmbeddedStore
 from pd_serve.orchestrator.registry_routes import registry_router
 from pd_serve.orchestrator.service import Orchestrator
-
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def build_orchestrator_app(orch: Orchestrator, self_url: str,
@@ -42,49 +40,64 @@ def build_orchestrator_app(orch: Orchestrator, self_url: str,
     if store is not None:
         app.include_router(registry_router(store))
 
-    @app.get("/health")
+    app.include_router(_view_router(orch))
+    app.include_router(_action_router(orch))
+    return app
+
+
+def _view_router(orch: Orchestrator) -> APIRouter:
+    """Health, the status report, Prometheus metrics."""
+    router = APIRouter()
+    @router.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "registry_ok": orch.registry_ok}
 
-    @app.get("/status")
+    @router.get("/status")
     async def status() -> dict[str, Any]:
         return control.status(orch)
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def metrics() -> Response:
         return Response(orch.metrics.render(), media_type=PROMETHEUS_TYPE)
 
-    @app.post("/scenarios/{name}/ratio")
+    return router
+
+
+def _action_router(orch: Orchestrator) -> APIRouter:
+    """Operator actions (pd_serve.orchestrator.control), as the console calls them."""
+    router = APIRouter()
+
+    @router.post("/scenarios/{name}/ratio")
     async def ratio(name: str, request: Request) -> dict[str, Any]:
         body = await read_object(request)
         return await control.set_target(orch, name, body.get("n_p"), body.get("n_d"))
 
-    @app.post("/scenarios/{name}/scale")
+    @router.post("/scenarios/{name}/scale")
     async def scale(name: str, request: Request) -> dict[str, Any]:
         body = await read_object(request)
         return await control.scale(orch, name, body.get("instances"))
 
-    @app.post("/scenarios/{name}/profile")
+    @router.post("/scenarios/{name}/profile")
     async def profile(name: str, request: Request) -> dict[str, Any]:
         from pd_serve.orchestrator.adjusting import profile_and_plan
 
         return await profile_and_plan(orch, name, await read_object(request))
 
-    @app.post("/instances/{iid}/drain")
+    @router.post("/instances/{iid}/drain")
     async def drain(iid: str) -> dict[str, Any]:
         return await control.drain(orch, iid, True)
 
-    @app.post("/instances/{iid}/undrain")
+    @router.post("/instances/{iid}/undrain")
     async def undrain(iid: str) -> dict[str, Any]:
         return await control.drain(orch, iid, False)
 
-    @app.post("/instances/{iid}/replace")
+    @router.post("/instances/{iid}/replace")
     async def replace(iid: str) -> dict[str, Any]:
         return await control.replace(orch, iid)
 
-    @app.post("/rollout")
+    @router.post("/rollout")
     async def rollout(request: Request) -> dict[str, Any]:
         body = await read_object(request)
         return await control.rollout(orch, body.get("model_path"))
 
-    return app
+    return router

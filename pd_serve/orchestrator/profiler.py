@@ -262,7 +262,7 @@ async def profile_report(base_url: str, scenario: str, workload: ProfileWorkload
 
 
 async def measure(probe: Probe, scenario: str, w: ProfileWorkload,
-                   pb: tuple[int, ...], db: tuple[int, ...]) -> ProfileReport:
+                  pb: tuple[int, ...], db: tuple[int, ...]) -> ProfileReport:
     """Steps 1-5 of the module docstring on any Probe (`pb`, `db`: sorted batch sizes)."""
     limit = await probe.max_model_len()
     if w.prompt_tokens + w.output_tokens > limit:
@@ -276,6 +276,25 @@ async def measure(probe: Probe, scenario: str, w: ProfileWorkload,
 
     prompts = _Prompts(w)
     await probe.burst(prompts.cold(1), w.output_tokens)
+    raw, ttft = await _measure_prefill(probe, prompts, w, pb, note)
+    decoded, tpot = await _measure_decode(probe, prompts, w, db, note)
+    r_pre = await _measure_r_pre(probe, prompts, w, pb, ttft, note) if w.prefix_tokens else 1.0
+    timed = [s for burst in decoded for s in burst]
+    out_tokens = sum(s.completion_tokens for s in timed) / len(timed)
+    profile = ScenarioProfile(
+        name=scenario, b_p=w.b_p, b_d=w.b_d, ttft_by_batch=ttft, r_pre=r_pre,
+        tpot_by_batch=tpot, xi=sum(_xi(s) for s in decoded[0]) / len(decoded[0]),
+        G=out_tokens - 1, prompt_tokens=float(w.prompt_tokens), output_tokens=out_tokens)
+    return ProfileReport(profile, tuple(notes), MappingProxyType(raw))
+
+
+Note = Callable[[str], None]
+
+
+async def _measure_prefill(probe: Probe, prompts: _Prompts, w: ProfileWorkload,
+                           pb: tuple[int, ...], note: Note
+                           ) -> tuple[dict[int, float], dict[int, float]]:
+    """Step 2: mean prefill makespan per batch (raw) and its running max (published)."""
     spans: list[tuple[int, float]] = []
     for b in pb:
         for _ in range(w.repeats):
@@ -291,6 +310,13 @@ async def measure(probe: Probe, scenario: str, w: ProfileWorkload,
     if max(ttft) < w.b_p:
         note(f"prefill batches reached at most {max(ttft)} of b_p={w.b_p} (requested {pb}): "
              f"T_p(b_p) is clamped to T_p({max(ttft)}), so prefill capacity is overstated")
+    return raw, ttft
+
+
+async def _measure_decode(probe: Probe, prompts: _Prompts, w: ProfileWorkload,
+                          db: tuple[int, ...], note: Note
+                          ) -> tuple[list[list[Sample]], dict[int, float]]:
+    """Step 3: the timed decode bursts (first: the smallest batch, for xi) and TPOT(b)."""
     decoded: list[list[Sample]] = []
     for b in db:
         burst = await probe.burst(prompts.cold(b * w.decode_instances), w.output_tokens)
@@ -306,25 +332,23 @@ async def measure(probe: Probe, scenario: str, w: ProfileWorkload,
              f"(requested {db}): TPOT(b_d) is clamped to TPOT({max(tpot)}) = "
              f"{tpot[max(tpot)]:.4g} s, so decode capacity is overstated (long prompts reach "
              f"decode one by one; raise output_tokens so that their decodes overlap)")
-    r_pre = 1.0
-    if w.prefix_tokens:
-        await probe.burst(prompts.warm(max(pb)), 1)
-        ratios: list[float] = []
-        for b in pb:
-            for _ in range(w.repeats):
-                ratios += [span / interpolate(ttft, k) for k, span
-                           in prefill_makespans(await probe.burst(prompts.warm(b), 1))]
-        mean = sum(ratios) / len(ratios)
-        if mean > 1.0:
-            note(f"prompts sharing the {w.prefix_tokens}-token prefix prefilled no faster than "
-                 f"cold ones (mean makespan ratio {mean:.3g}): r_pre capped at 1")
-        r_pre = min(1.0, max(1e-3, mean))
-    out_tokens = sum(s.completion_tokens for s in timed) / len(timed)
-    profile = ScenarioProfile(
-        name=scenario, b_p=w.b_p, b_d=w.b_d, ttft_by_batch=ttft, r_pre=r_pre,
-        tpot_by_batch=tpot, xi=sum(_xi(s) for s in decoded[0]) / len(decoded[0]),
-        G=out_tokens - 1, prompt_tokens=float(w.prompt_tokens), output_tokens=out_tokens)
-    return ProfileReport(profile, tuple(notes), MappingProxyType(raw))
+    return decoded, tpot
+
+
+async def _measure_r_pre(probe: Probe, prompts: _Prompts, w: ProfileWorkload,
+                         pb: tuple[int, ...], ttft: dict[int, float], note: Note) -> float:
+    """Step 4: warm over cold makespan at the same batch, capped at 1."""
+    await probe.burst(prompts.warm(max(pb)), 1)
+    ratios: list[float] = []
+    for b in pb:
+        for _ in range(w.repeats):
+            ratios += [span / interpolate(ttft, k) for k, span
+                       in prefill_makespans(await probe.burst(prompts.warm(b), 1))]
+    mean = sum(ratios) / len(ratios)
+    if mean > 1.0:
+        note(f"prompts sharing the {w.prefix_tokens}-token prefix prefilled no faster than "
+             f"cold ones (mean makespan ratio {mean:.3g}): r_pre capped at 1")
+    return min(1.0, max(1e-3, mean))
 
 
 def _instance(s: Sample) -> str:

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pd_serve.bench import options as bo
+from pd_serve.cli_errors import or_exit
 from pd_serve.orchestrator.adjuster import AdjusterConfig
 from pd_serve.sim.config import AdjustSpec, GatewaySpec, InstanceSpec, ScenarioSpec, SimConfig
 from pd_serve.sim.latency import HandoffModel, LatencyProfile
@@ -35,11 +36,8 @@ if not console.is_terminal:  # pipes and logs: room for the summary table
 
 
 def _or_exit(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except (ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    """Bad options, input or files: one line and exit status 2."""
+    return or_exit(fn, (ValueError, OSError))
 
 
 @sim_app.command()
@@ -152,24 +150,14 @@ def run(profile_path: ProfileOpt, trace: bo.Traces = None, trace_format: bo.Trac
         ) -> None:
     """Replay a workload (the options of `pd-serve bench run`) through a simulated deployment
     and summarise TTFT/TPOT/E2E, throughput and SLO success per scenario."""
-    from pd_serve.sim.options import gateway_slo, slo_table, workload
+    from pd_serve.sim.options import slo_table, workload
     from pd_serve.sim.run import simulate
 
     values = dict(locals())
     prof = _or_exit(lambda: LatencyProfile.load(profile_path))
     reqs, fitted, arrivals = _or_exit(lambda: workload(values))
     slos = _or_exit(lambda: slo_table(goodput, slo_file))
-    spec = _or_exit(lambda: InstanceSpec(
-        b_p, max_num_seqs, max_num_batched_tokens, kv_blocks, block_size,
-        prefix_cache_blocks=prefix_cache_blocks, hash_block_tokens=fitted.block_size or 512))
-    gw = _or_exit(lambda: GatewaySpec(rtt_ms / 1000, retry_interval_ms / 1000))
-    split = _or_exit(lambda: _groups(reqs, prof, spec, gw.rtt_s, groups, budget))
-    cfg = _or_exit(lambda: SimConfig(tuple(
-        ScenarioSpec(n, p, d, policy, *gateway_slo(slos.of(n)))
-        for n, (p, d) in sorted(split.items())), mode, spec, gw, spares,
-        AdjustSpec(AdjusterConfig(window_s=adjust_window_s, cooldown_s=4 * adjust_window_s),
-                   interval_s=min(5.0, adjust_window_s), switch_s=switch_s) if adjust else None,
-        noise_cv, seed))
+    cfg = _or_exit(lambda: _sim_config(values, reqs, fitted.block_size, prof, slos))
     res = _or_exit(lambda: simulate(reqs, cfg, prof))
     console.print(summary_table(res.summary, f"pd-serve sim: {fitted.name}, {mode}, {policy}"))
     for a in res.adjustments:
@@ -183,6 +171,30 @@ def run(profile_path: ProfileOpt, trace: bo.Traces = None, trace_format: bo.Trac
                                          "requests": len(reqs), "arrivals": asdict(arrivals)}}
     if vllm_metrics:
         data["vllm_metrics"] = _vllm_metrics(res.recorder, slos)
+    _write(res, data, result, records)
+
+
+def _sim_config(v: dict[str, Any], reqs: Any, hash_block: int | None, prof: LatencyProfile,
+                slos: Any) -> SimConfig:
+    """The SimConfig the `run` options `v` describe (ValueError for bad values)."""
+    from pd_serve.sim.options import gateway_slo
+
+    spec = InstanceSpec(v["b_p"], v["max_num_seqs"], v["max_num_batched_tokens"],
+                        v["kv_blocks"], v["block_size"],
+                        prefix_cache_blocks=v["prefix_cache_blocks"],
+                        hash_block_tokens=hash_block or 512)
+    gw = GatewaySpec(v["rtt_ms"] / 1000, v["retry_interval_ms"] / 1000)
+    split = _groups(reqs, prof, spec, gw.rtt_s, v["groups"], v["budget"])
+    window = v["adjust_window_s"]
+    adjust = AdjustSpec(AdjusterConfig(window_s=window, cooldown_s=4 * window),
+                        interval_s=min(5.0, window), switch_s=v["switch_s"])
+    return SimConfig(tuple(ScenarioSpec(n, p, d, v["policy"], *gateway_slo(slos.of(n)))
+                           for n, (p, d) in sorted(split.items())),
+                     v["mode"], spec, gw, v["spares"], adjust if v["adjust"] else None,
+                     v["noise_cv"], v["seed"])
+
+
+def _write(res: Any, data: dict[str, Any], result: Path | None, records: Path | None) -> None:
     if result is not None:
         result.parent.mkdir(parents=True, exist_ok=True)
         result.write_text(json.dumps(clean(data), indent=1) + "\n")
