@@ -124,23 +124,6 @@ class SimAggregated(SlotAdmission):
         self.ctx.gateway.close_prefill_stream(req)
         self.ctx.gateway.end(req, FINISHED, now + self.ctx.half_rtt, req.output_len)
 
-    def _release(self, req: SimRequest) -> None:
-        self.slots.release(req.slot)
-        req.slot = -1
-        now = self.loop.now
-        while self.fifo and self.slots.free:
-            waiter = self.fifo.popleft()
-            waiter.queued = False
-            if adm.past_deadline(waiter.deadline, now):
-                self.loop.after(self.ctx.half_rtt, self.ctx.gateway.expired_on_instance, waiter)
-                continue
-            slot = self.slots.acquire()
-            assert slot is not None
-            waiter.slot = slot
-            self._start(waiter)
-        if self.on_idle is not None and self.idle:
-            self.on_idle(self)
-
     @property
     def idle(self) -> bool:
         return self.slots.busy == 0 and not self.fifo

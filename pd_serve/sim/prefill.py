@@ -101,30 +101,9 @@ class SimPrefill(SlotAdmission):
         self.in_flight[req.peer] = max(0, self.in_flight.get(req.peer, 0) - 1)
         self._release(req)
 
-    def _release(self, req: SimRequest) -> None:
-        """Frees `req`'s slot and hands free slots to the FIFO, as SlotQueue.release does."""
-        self.slots.release(req.slot)
-        req.slot = -1
-        now = self.loop.now
-        while self.fifo and self.slots.free:
-            waiter = self.fifo.popleft()
-            waiter.queued = False
-            if adm.past_deadline(waiter.deadline, now):
-                self.loop.after(self.ctx.half_rtt, self.ctx.gateway.expired_on_instance, waiter)
-                continue
-            slot = self.slots.acquire()
-            assert slot is not None
-            waiter.slot = slot
-            self._start(waiter)
-        self._check_idle()
-
     @property
     def idle(self) -> bool:
         return self.slots.busy == 0 and not self.fifo
-
-    def _check_idle(self) -> None:
-        if self.on_idle is not None and self.idle:
-            self.on_idle(self)
 
     def leak_check(self) -> None:
         if self.slots.busy or self.fifo or self.work.busy or self.stepping:
