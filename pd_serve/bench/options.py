@@ -86,13 +86,7 @@ def build_settings(o: dict[str, Any]) -> tuple[BenchSettings, dict[str, Any], Tr
         o["prompt"] or ("text" if o["endpoint"] == "chat" else "tokens"), o["vocab_size"],
         o["system_prompt_len"], o["scenario"], o["tag_scenarios"], o["seed"])
     trace = fit(load_workload(workload), workload)
-    rate, arrival = o["request_rate"], o["arrival"]
-    if arrival == "trace" and not trace.timed:
-        raise ValueError("--arrival trace needs a --trace with arrival times")
-    process = arrival or ("trace" if trace.timed and rate is None else
-                          "poisson" if o["burstiness"] == 1.0 else "gamma")
-    arrivals = ArrivalSpec(process, rate if rate is not None or process == "trace" else math.inf,
-                           o["burstiness"], o["time_scale"], o["spread"], seed=o["seed"])
+    arrivals = arrival_spec(o, trace)
     slos = load_slo_file(o["slo_file"]) if o["slo_file"] is not None else SLOTable()
     client = ClientConfig(url, model, o["endpoint"], o["api_key"], o["ignore_eos"],
                           o["temperature"], o["timeout"], o["max_concurrency"],
@@ -131,3 +125,16 @@ def parse_metadata(items: list[str] | None) -> dict[str, str]:
             raise ValueError(f"--metadata: expected KEY=VALUE, got {item!r}")
         out[key] = value
     return out
+
+
+def arrival_spec(o: dict[str, Any], trace: Trace) -> ArrivalSpec:
+    """The arrival process the options ask for: `--arrival`, else the trace's own times when it
+    has them and no rate is given, else Poisson (gamma when `--burstiness` is not 1) at
+    `--request-rate` (infinite: all at once). The simulator uses the same rule."""
+    rate, arrival = o["request_rate"], o["arrival"]
+    if arrival == "trace" and not trace.timed:
+        raise ValueError("--arrival trace needs a --trace with arrival times")
+    process = arrival or ("trace" if trace.timed and rate is None else
+                          "poisson" if o["burstiness"] == 1.0 else "gamma")
+    return ArrivalSpec(process, rate if rate is not None or process == "trace" else math.inf,
+                       o["burstiness"], o["time_scale"], o["spread"], seed=o["seed"])

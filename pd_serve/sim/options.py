@@ -8,12 +8,12 @@ Every bad value raises ValueError naming it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pd_serve.bench.arrivals import ArrivalSpec, schedule
+from pd_serve.bench.options import arrival_spec
 from pd_serve.bench.slo import SLO, SLOTable, load_slo_file, parse_goodput
 from pd_serve.bench.traces import Trace, TraceRequest
 from pd_serve.bench.workload import WorkloadSpec, fit, load_workload
@@ -31,13 +31,7 @@ def workload(o: dict[str, Any]) -> tuple[list[TraceRequest], Trace, ArrivalSpec]
         o["block_tokens"], o["max_model_len"], o["max_output"], "tokens", 1024, 0,
         o["scenario"], o["tag_scenarios"], o["seed"])
     trace = fit(load_workload(spec), spec)
-    rate, arrival = o["request_rate"], o["arrival"]
-    if arrival == "trace" and not trace.timed:
-        raise ValueError("--arrival trace needs a --trace with arrival times")
-    process = arrival or ("trace" if trace.timed and rate is None else
-                          "poisson" if o["burstiness"] == 1.0 else "gamma")
-    arrivals = ArrivalSpec(process, rate if rate is not None or process == "trace" else math.inf,
-                           o["burstiness"], o["time_scale"], o["spread"], seed=o["seed"])
+    arrivals = arrival_spec(o, trace)
     times = schedule(arrivals, trace.requests)
     timed = sorted(zip(times, range(len(times))))
     return [replace(trace.requests[i], arrival_s=t) for t, i in timed], trace, arrivals
