@@ -90,6 +90,17 @@ class ModelRunner(ABC):
     def decode(self, batch: DecodeBatch) -> np.ndarray:
         """Writes K/V of one token per sequence and returns float32 logits [num_seqs, vocab]."""
 
+    def prefill_argmax(self, batch: PrefillBatch) -> np.ndarray:
+        """Greedy tokens [num_seqs] int64: the argmax of each sequence's last-token logits
+        (`prefill`'s result). Accelerator runners override this to pick on the device and copy
+        back only the token ids; ties go to the lowest id, as `np.argmax`."""
+        logits = self.prefill(PrefillBatch(batch.seqs))
+        return np.asarray(logits).argmax(-1).astype(np.int64)
+
+    def decode_argmax(self, batch: DecodeBatch) -> np.ndarray:
+        """Greedy tokens [num_seqs] int64 of one decode step (see `prefill_argmax`)."""
+        return np.asarray(self.decode(batch)).argmax(-1).astype(np.int64)
+
     @abstractmethod
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         """Copies the first `num_tokens` tokens' K/V out of the cache as float32 on the host:

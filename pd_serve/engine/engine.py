@@ -155,17 +155,28 @@ class LLMEngine(HandoffMixin):
             end = start + sp.num_tokens
             seqs.append(SeqChunk(req.all_token_ids[start:end], start,
                                  req.block_table[:self.block_manager.blocks_for(end)]))
-        logits = np.asarray(self._runner.prefill(PrefillBatch(seqs)))  # [num_seqs, vocab]
         rows = [i for i, sp in enumerate(prefills) if sp.completes]
+        done = [prefills[i].request for i in rows]
+        if _all_greedy(done):  # the runner picks on its device; only token ids come back
+            tokens = self._runner.prefill_argmax(PrefillBatch(seqs))[rows]
+        else:
+            logits = np.asarray(self._runner.prefill(PrefillBatch(seqs)))  # [num_seqs, vocab]
         for sp in prefills:
             self.scheduler.on_computed(sp.request, sp.num_tokens)
-        return self._sample(logits[rows], [prefills[i].request for i in rows])
+        if _all_greedy(done):
+            return list(zip(done, (int(t) for t in tokens)))
+        return self._sample(logits[rows], done)
 
     def _run_decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         positions = [r.num_computed_tokens for r in reqs]
         tables = [r.block_table[:self.block_manager.blocks_for(p + 1)]
                   for r, p in zip(reqs, positions)]
         batch = DecodeBatch([r.last_token_id for r in reqs], positions, tables)
+        if _all_greedy(reqs):
+            tokens = self._runner.decode_argmax(batch)  # [num_seqs]
+            for r in reqs:
+                self.scheduler.on_computed(r, 1)
+            return list(zip(reqs, (int(t) for t in tokens)))
         logits = self._runner.decode(batch)  # [num_seqs, vocab]
         for r in reqs:
             self.scheduler.on_computed(r, 1)
@@ -255,3 +266,8 @@ class LLMEngine(HandoffMixin):
                                  f"parked and reserved requests {sorted(holders)}")
         if not self.scheduler.has_unfinished() and not self._handoff_holders():
             bm.leak_check()
+
+
+def _all_greedy(reqs: list[Request]) -> bool:
+    """Greedy rows need no logits on the host (the sampler's greedy pick is np.argmax too)."""
+    return bool(reqs) and all(r.params.greedy for r in reqs)

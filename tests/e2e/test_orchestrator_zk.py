@@ -195,6 +195,10 @@ def test_kill_prefill_then_next_instance_takes_the_role(cluster: OrchCluster) ->
     wait_clean(newcomer)
 
 
+def _live_ids(s: dict[str, Any]) -> set[str]:
+    return {i["id"] for i in s["instances"] if i["state"] != "failed"}
+
+
 def test_zookeeper_restart_keeps_serving(cluster: OrchCluster, zk_server: ZkServer) -> None:
     before = cluster.status()
     zk_server.stop()
@@ -207,7 +211,7 @@ def test_zookeeper_restart_keeps_serving(cluster: OrchCluster, zk_server: ZkServ
     after = cluster.wait_status(lambda s: s["registry_ok"] and groups_complete(s), 60,
                                "registry back")
     assert len(after["recoveries"]) == len(before["recoveries"])  # sessions survived
-    assert {i["id"] for i in after["instances"]} == {i["id"] for i in before["instances"]}
+    assert _live_ids(after) == _live_ids(before)  # a killed earlier victim may linger as failed
     for name in ("chat", "batch"):
         assert after["scenarios"][name]["prefill"] == before["scenarios"][name]["prefill"]
     assert complete(cluster, "chat") and complete(cluster, "batch")
