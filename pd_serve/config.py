@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 HANDOFF_MODES = ("bulk", "per_layer", "block_fixed")
+TRANSPORTS = ("tcp", "nccl")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class PDConfig:
     b_p: int = 4  # batch slots per prefill instance (each owns one staging buffer)
     handoff_mode: str = "bulk"  # bulk | per_layer | block_fixed
     transport_host: str = "127.0.0.1"  # where the KV transport binds
+    transport: str = "tcp"  # tcp: host buffers over cann_ext TCP | nccl: GPU buffers over NCCL
+    device_checksum: str = "i32sum"  # nccl only: per-layer i32sum on the GPU, or none
     handoff_timeout_s: float = 60.0  # prefill frees a slot decode never confirmed
     fetch_timeout_s: float = 30.0  # decode gives up on one KV transfer
     attach_timeout_s: float = 30.0  # decode aborts a request nobody streams
@@ -114,6 +117,11 @@ class PDConfig:
         for name in ("b_p", "peer_probe_failures"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"pd.transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.device_checksum not in ("i32sum", "none"):
+            raise ValueError(f"pd.device_checksum must be i32sum or none, "
+                             f"got {self.device_checksum!r}")
         if self.handoff_mode not in HANDOFF_MODES:
             raise ValueError(f"pd.handoff_mode must be one of {HANDOFF_MODES}, "
                              f"got {self.handoff_mode!r}")

@@ -122,17 +122,18 @@ class RemoteRest:
                              FinishReason.STOP, self.first.prompt_tokens, tokens,
                              self.first.cached_tokens)
 
-    async def expect(self, name: str) -> dict[str, Any]:
-        """The next prefill event, which must be `name`; an `error` event becomes APIError."""
+    async def expect(self, *names: str) -> dict[str, Any]:
+        """The next prefill event, which must be one of `names` (the name comes back under
+        the key `_event` when more than one is allowed); `error` becomes APIError."""
         assert self.prefill is not None
         async for event, data in self.prefill_events:
-            if event == name:
-                return data
+            if event in names:
+                return data if len(names) == 1 else {**data, "_event": event}
             if event == "error":
                 err = _remote_error(data, "prefill")
                 self.error, self.error_code = err.message, err.code
                 raise err
-        raise APIError(502, f"prefill stream ended before its {name!r} event",
+        raise APIError(502, f"prefill stream ended before its {'/'.join(names)!r} event",
                        type=SERVER_ERROR, code="prefill_failed")
 
     async def _outputs(self) -> AsyncIterator[RequestOutput]:
@@ -140,7 +141,12 @@ class RemoteRest:
         if self.first.finished:
             self.finished = True
             return
-        handoff = HandoffEvent.model_validate(await self.expect("handoff"))
+        nxt = await self.expect("handoff", "delta")
+        if nxt.pop("_event") == "delta":  # an aggregated instance decodes the request itself
+            async for out in self._deltas(self._prefill_deltas(nxt), "prefill"):
+                yield out
+            return
+        handoff = HandoffEvent.model_validate(nxt)
         self.decode_url = handoff.decode_url
         self.timeline.handoff = (time.monotonic(), handoff.decode_url)
         await self._close_prefill()
@@ -151,10 +157,22 @@ class RemoteRest:
             await self.decode.aread()
             raise APIError(502, f"decode stream refused: HTTP {self.decode.status_code} "
                            f"{self.decode.text[:200]}", type=SERVER_ERROR, code="decode_failed")
+        async for out in self._deltas(events(self.decode), "decode"):
+            yield out
+
+    async def _prefill_deltas(self, head: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+        yield "delta", head
+        async for item in self.prefill_events:
+            yield item
+
+    async def _deltas(self, stream: AsyncIterator[tuple[str, Any]],
+                      where: str) -> AsyncIterator[RequestOutput]:
+        """RequestOutputs of the `delta` events of `stream` until the finished one."""
+        assert self.first is not None
         sent = self.first.text
-        async for event, data in events(self.decode):
+        async for event, data in stream:
             if event == "error":
-                raise _remote_error(data, "decode")
+                raise _remote_error(data, where)
             d = DeltaEvent.model_validate(data)
             delta = d.text[len(sent):] if d.text.startswith(sent) else ""
             sent = d.text if d.text.startswith(sent) else sent
@@ -165,8 +183,8 @@ class RemoteRest:
                                 d.completion_tokens, self.first.cached_tokens)
             if d.finished:
                 return
-        raise APIError(502, "the decode stream ended before the request finished",
-                       type=SERVER_ERROR, code="decode_failed")
+        raise APIError(502, f"the {where} stream ended before the request finished",
+                       type=SERVER_ERROR, code=f"{where}_failed")
 
     async def _close_prefill(self) -> None:
         if self.prefill is not None:

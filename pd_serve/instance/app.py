@@ -122,8 +122,9 @@ class Instance:
 
     def _start_role(self, role: str) -> None:
         assert self.runtime is not None
-        if role == "prefill":
-            self.prefill = PrefillRole(self.runtime, self.cfg.pd, self.self_url, [])
+        if role in ("prefill", "aggregated"):
+            self.prefill = PrefillRole(self.runtime, self.cfg.pd, self.self_url, [],
+                                       aggregated=role == "aggregated")
             self.prefill.start()
         else:
             self.decode = DecodeRole(self.runtime, self.cfg.pd)

@@ -31,7 +31,13 @@ import httpx
 from pd_serve.api.errors import APIError
 from pd_serve.config import PDConfig
 from pd_serve.engine.outputs import RequestOutput
-from pd_serve.instance.messages import DeltaEvent, ErrorEvent, HandoffDone, HandoffRequest, sse
+from pd_serve.instance.messages import (
+    ErrorEvent,
+    HandoffDone,
+    HandoffRequest,
+    delta_event,
+    sse,
+)
 from pd_serve.instance.metrics import DecodeEvents
 from pd_serve.instance.runtime import Runtime, source_from_json
 
@@ -169,7 +175,7 @@ class DecodeRole:
         try:
             async for out in outputs:
                 self.events.decode_tokens += len(out.new_token_ids)
-                stream.put(sse("delta", _delta(out)), terminal=out.finished)
+                stream.put(sse("delta", delta_event(out)), terminal=out.finished)
         except asyncio.CancelledError:
             stream.fail("the request was cancelled", "cancelled")
             raise
@@ -284,7 +290,3 @@ def _adopt(engine: Any, rid: str, prompt: list[int], first: int, params: Any,
         raise
 
 
-def _delta(out: RequestOutput) -> DeltaEvent:
-    return DeltaEvent(token_ids=out.new_token_ids, text=out.text, finished=out.finished,
-                      finish_reason=out.finish_reason.value if out.finish_reason else None,
-                      completion_tokens=out.completion_tokens)

@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pd_serve.engine.outputs import RequestOutput
 from pd_serve.engine.sampling_params import SamplingParams
 
 VERSION: Literal[1] = 1
-Role = Literal["prefill", "decode"]
+Role = Literal["prefill", "decode", "aggregated"]  # aggregated: prefill and decode, no KV moves
 
 
 class _Msg(BaseModel):
@@ -120,6 +121,13 @@ class DeltaEvent(BaseModel):
     finished: bool
     finish_reason: str | None
     completion_tokens: int
+
+
+def delta_event(out: RequestOutput) -> DeltaEvent:
+    """The DeltaEvent of one engine output."""
+    return DeltaEvent(token_ids=out.new_token_ids, text=out.text, finished=out.finished,
+                      finish_reason=out.finish_reason.value if out.finish_reason else None,
+                      completion_tokens=out.completion_tokens)
 
 
 class ErrorEvent(BaseModel):

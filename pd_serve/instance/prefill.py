@@ -1,6 +1,8 @@
 """The prefill role: admission by `b_p` slots (optionally behind a local FIFO, the baseline),
 TTFT deadline checked before and after prefill, first token streamed at once, KV staged into the
-slot's buffer, hand-off offered to a decode peer, slot held until decode confirms.
+slot's buffer, hand-off offered to a decode peer, slot held until decode confirms. As the
+`aggregated` role (the baseline at equal hardware) the same instance decodes too: `delta` events
+follow `first` on the same stream and the slot is held until the request finishes.
 
 Lifecycle of one request (who frees what):
 1. `offer()` decides (`decide_offer`, pure): 429 `draining` | `no_free_slot` | `queue_full`
@@ -51,6 +53,7 @@ from pd_serve.instance.messages import (
     HandoffEvent,
     HandoffRequest,
     PrefillRequest,
+    delta_event,
     sse,
 )
 from pd_serve.instance.metrics import PrefillEvents
@@ -73,8 +76,10 @@ class _Pending:
 
 
 class PrefillRole:
-    def __init__(self, rt: Runtime, pd: PDConfig, self_url: str, peers: list[str]) -> None:
+    def __init__(self, rt: Runtime, pd: PDConfig, self_url: str, peers: list[str],
+                 aggregated: bool = False) -> None:
         self.rt = rt
+        self.aggregated = aggregated  # decode here too: deltas on the same stream, no hand-off
         self.pd = pd
         self.self_url = self_url
         self.peers = list(peers)
@@ -119,7 +124,7 @@ class PrefillRole:
                                queue_max=self.queue.queue_max, wants_queue=req.queue,
                                draining=self.draining,
                                expired=past_deadline(deadline, time.monotonic()),
-                               has_decode=bool(self.watch.alive(self.peers)))
+                               has_decode=self.aggregated or bool(self.watch.alive(self.peers)))
         if verdict in REJECTIONS:
             self.rejected[verdict] += 1
             raise APIError(429, _REFUSALS[verdict].format(b_p=self.slots.size,
@@ -160,7 +165,7 @@ class PrefillRole:
         started = time.monotonic()
         prompt = list(req.prompt_token_ids)
         outputs = self.rt.engine.stream(
-            rid, lambda e: e.add_request(rid, prompt, params, prefill_only=True))
+            rid, lambda e: e.add_request(rid, prompt, params, prefill_only=not self.aggregated))
         parked = handed = False
         try:
             try:
@@ -173,6 +178,10 @@ class PrefillRole:
             self.late += late
             yield sse("first", _first_event(first, late))
             if first.finished:
+                return
+            if self.aggregated:
+                async for out in outputs:
+                    yield sse("delta", delta_event(out))
                 return
             parked = True
             try:
@@ -285,7 +294,8 @@ class PrefillRole:
         leak = "busy"
         if self.slots.busy == 0 and not self._tasks:
             try:
-                await self.rt.engine.call(lambda e: self.rt.sender.leak_check())
+                sender = self.rt.sender  # None as the aggregated role: no slot buffers
+                await self.rt.engine.call(lambda e: sender and sender.leak_check())
                 leak = "ok"
             except Exception as exc:  # noqa: BLE001 - reported
                 leak = f"{type(exc).__name__}: {exc}"

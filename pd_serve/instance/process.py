@@ -21,9 +21,9 @@ def run_instance(cfg: ServeConfig, role: str | None, decode_peers: list[str],
     from pd_serve.cli import _server_class
     from pd_serve.instance.app import build_app
 
-    if role not in (None, "prefill", "decode"):
-        raise ValueError(f"--role must be prefill or decode, got {role!r}")
-    if role == "decode" and decode_peers:
+    if role not in (None, "prefill", "decode", "aggregated"):
+        raise ValueError(f"--role must be prefill, decode or aggregated, got {role!r}")
+    if role in ("decode", "aggregated") and decode_peers:
         raise ValueError("--decode-peers is for prefill instances")
     if registry_url is not None and role is not None:
         raise ValueError("--role and --registry exclude each other: with a registry the "

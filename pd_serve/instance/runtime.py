@@ -75,7 +75,7 @@ class Runtime:
         assert self.cfg is not None
         if role == "prefill":
             self.sender = make_sender(self.cfg, self.transport, self.runner, self.max_model_len)
-        else:
+        elif role == "decode":
             self.receiver = make_receiver(self.cfg, self.transport, self.runner,
                                           self.max_model_len)
         self.role = role
@@ -111,25 +111,44 @@ class Runtime:
 # -- the pd_serve.kv boundary ------------------------------------------------------------------
 
 def make_transport(cfg: ServeConfig) -> Any:
+    """cann_ext host TCP (host buffers), or NCCL between GPUs (device buffers)."""
+    if cfg.pd.transport == "nccl":
+        from pd_serve.kv.nccl import NcclTransport
+
+        return NcclTransport(f"{cfg.pd.transport_host}:0", device=cfg.model.device)
     from pd_serve.kv.transport import CannExtTransport
 
     return CannExtTransport(f"{cfg.pd.transport_host}:0")
 
 
+def _kv_side(cfg: ServeConfig, runner: ModelRunner, max_tokens: int) -> tuple[Any, Any]:
+    """The hand-off layout (max_tokens tokens) and buffer strategy of this transport: host
+    buffers move float32 (what `read_kv` returns), device buffers the cache dtype."""
+    from pd_serve.kv.buffers import DeviceBuffers, HostBuffers
+    from pd_serve.kv.layout import KVLayout
+
+    if cfg.pd.transport != "nccl":
+        return KVLayout.for_model(runner.model_config, max_tokens), HostBuffers()
+    if cfg.model.backend != "torch" or not cfg.model.device.startswith("cuda"):
+        raise ValueError("pd.transport nccl needs model.backend torch on a cuda device, got "
+                         f"{cfg.model.backend} on {cfg.model.device}")
+    layout = KVLayout.for_model(runner.model_config, max_tokens, cfg.model.dtype)
+    return layout, DeviceBuffers(cfg.model.device, cfg.pd.device_checksum)
+
+
 def make_sender(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_tokens: int) -> Any:
     """`b_p` slot buffers, each big enough for the longest prompt the engine admits."""
-    from pd_serve.kv.layout import KVLayout
     from pd_serve.kv.sender import KVSender
 
-    return KVSender(transport, KVLayout.for_model(runner.model_config, max_tokens), cfg.pd.b_p)
+    layout, buffers = _kv_side(cfg, runner, max_tokens)
+    return KVSender(transport, layout, cfg.pd.b_p, buffers)
 
 
 def make_receiver(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_tokens: int) -> Any:
-    from pd_serve.kv.layout import KVLayout
     from pd_serve.kv.receiver import KVReceiver
 
-    return KVReceiver(transport, KVLayout.for_model(runner.model_config, max_tokens),
-                      cfg.cache.block_size)
+    layout, buffers = _kv_side(cfg, runner, max_tokens)
+    return KVReceiver(transport, layout, cfg.cache.block_size, buffers)
 
 
 def source_to_json(source: Any) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from typing import Any
 from pd_serve.kv.layout import KVLayout
 
 VERSION = 1
-CHECKSUM_ALGO = "crc32"  # per-layer zlib.crc32 of the layer's K and V planes
+CHECKSUM_ALGO = "crc32"  # per-layer zlib.crc32 of the layer's K and V planes (host buffers)
+CHECKSUM_ALGOS = ("crc32", "i32sum", "none")  # see pd_serve.kv.buffers
 
 
 def b64(data: bytes) -> str:
@@ -52,7 +53,7 @@ class HandoffSource:
     region: bytes  # exported descriptor of the registered slot buffer
     offset: int  # bytes from the region's start to the request's layout
     layout: KVLayout
-    checksums: tuple[int, ...]  # one per layer (CHECKSUM_ALGO)
+    checksums: tuple[int, ...]  # one per layer (checksum_algo)
     checksum_algo: str = CHECKSUM_ALGO
 
     def __post_init__(self) -> None:
@@ -61,8 +62,9 @@ class HandoffSource:
         if len(self.checksums) != self.layout.num_layers:
             raise ValueError(f"{len(self.checksums)} checksums for "
                              f"{self.layout.num_layers} layers")
-        if self.checksum_algo != CHECKSUM_ALGO:
-            raise ValueError(f"checksum_algo {self.checksum_algo!r} is not {CHECKSUM_ALGO!r}")
+        if self.checksum_algo not in CHECKSUM_ALGOS:
+            raise ValueError(f"checksum_algo {self.checksum_algo!r} is not one of "
+                             f"{CHECKSUM_ALGOS}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": VERSION, "request_id": self.request_id,

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
-
 from pd_serve.backends.base import ModelRunner
+from pd_serve.kv.buffers import HostBuffers, KVBuffers
 from pd_serve.kv.layout import KVLayout
 from pd_serve.kv.messages import HandoffSource
-from pd_serve.kv.sender import layer_checksums
 from pd_serve.kv.transport import Read, Transport, TransportError, TransportTimeout
 
 Mode = Literal["bulk", "per_layer", "block_fixed"]
@@ -38,18 +36,20 @@ class HandoffError(RuntimeError):
 class KVReceiver:
     """One registered staging buffer plus cached peer connections."""
 
-    def __init__(self, transport: Transport, staging_layout: KVLayout, block_size: int) -> None:
+    def __init__(self, transport: Transport, staging_layout: KVLayout, block_size: int,
+                 buffers: KVBuffers | None = None) -> None:
         self.transport = transport
         self.staging_layout = staging_layout
         self.block_size = block_size
-        self._staging = np.zeros(staging_layout.total_bytes, np.uint8)  # [total_bytes]
+        self._mem: KVBuffers = buffers or HostBuffers()
+        self._staging = self._mem.alloc(staging_layout.total_bytes)  # [total_bytes] uint8
         self._handle: int | None = transport.register(self._staging)
         self._peers: dict[bytes, Any] = {}  # conn id -> peer
         self._remotes: dict[tuple[bytes, bytes], Any] = {}  # (conn id, region) -> remote
         self.last_num_reads = 0  # ranges the last fetch read (bulk 1, per layer L, ...)
 
     def fetch(self, source: HandoffSource, block_table: list[int], runner: ModelRunner,
-              mode: Mode = "bulk", timeout_s: float = 10.0) -> np.ndarray:
+              mode: Mode = "bulk", timeout_s: float = 10.0) -> Any:
         """`read`, then RecvScatter: writes the K/V into `block_table`'s blocks with
         `runner.write_kv`; returns the received K/V. HandoffError on any failure."""
         kv = self.read(source, block_table, mode, timeout_s)
@@ -57,7 +57,7 @@ class KVReceiver:
         return kv
 
     def read(self, source: HandoffSource, block_table: list[int], mode: Mode = "bulk",
-             timeout_s: float = 10.0) -> np.ndarray:
+             timeout_s: float = 10.0) -> Any:
         """Reads and verifies the request's K/V without touching the cache; returns
         [num_layers, 2, num_tokens, num_kv_heads, head_dim], a view of the staging buffer valid
         until the next read (for callers that must run `write_kv` on the engine thread, since
@@ -76,12 +76,19 @@ class KVReceiver:
             self._forget(source.conn_id)
             raise HandoffError(f"hand-off of {source.request_id!r} failed: {exc}") from exc
         self.last_num_reads = len(reads)
-        got = layer_checksums(layout, self._staging)
+        self._verify(source, layout)
+        return self._mem.as_kv(layout, self._staging)
+
+    def _verify(self, source: HandoffSource, layout: KVLayout) -> None:
+        if source.checksum_algo != self._mem.checksum_algo:
+            raise HandoffError(f"hand-off of {source.request_id!r}: checksums are "
+                               f"{source.checksum_algo!r}, this receiver checks "
+                               f"{self._mem.checksum_algo!r}")
+        got = self._mem.checksums(layout, self._staging)
         bad = [i for i, (a, b) in enumerate(zip(got, source.checksums)) if a != b]
         if bad:
             raise HandoffError(f"hand-off of {source.request_id!r}: checksum mismatch in "
                                f"layer(s) {bad} ({len(bad)} of {layout.num_layers})")
-        return layout.to_array(self._staging)
 
     def _check(self, source: HandoffSource, block_table: list[int], mode: str) -> KVLayout:
         if mode not in MODES:

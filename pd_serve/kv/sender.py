@@ -16,31 +16,31 @@ owns and deregisters its buffers. `leak_check()` asserts no slot is staged.
 
 from __future__ import annotations
 
-import zlib
-
-import numpy as np
+from typing import Any
 
 from pd_serve.backends.base import ModelRunner
+from pd_serve.kv.buffers import HostBuffers, KVBuffers
+from pd_serve.kv.buffers import crc32_checksums as layer_checksums
 from pd_serve.kv.layout import KVLayout
 from pd_serve.kv.messages import HandoffSource
 from pd_serve.kv.transport import Transport
 
-
-def layer_checksums(layout: KVLayout, buffer: np.ndarray) -> tuple[int, ...]:
-    """zlib.crc32 of each layer's K and V planes in `buffer` (flat uint8)."""
-    return tuple(zlib.crc32(buffer.data[off:off + n]) for off, n in layout.layer_ranges())
+__all__ = ["KVSender", "layer_checksums"]
 
 
 class KVSender:
-    """`num_slots` registered slot buffers of `slot_layout.total_bytes` bytes each."""
+    """`num_slots` registered slot buffers of `slot_layout.total_bytes` bytes each, in host
+    memory by default or wherever `buffers` puts them (device memory for NCCL)."""
 
-    def __init__(self, transport: Transport, slot_layout: KVLayout, num_slots: int) -> None:
+    def __init__(self, transport: Transport, slot_layout: KVLayout, num_slots: int,
+                 buffers: KVBuffers | None = None) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
         self.transport = transport
         self.slot_layout = slot_layout
+        self._mem: KVBuffers = buffers or HostBuffers()
         # One flat byte buffer per slot: [slot_layout.total_bytes] uint8.
-        self._buffers = [np.zeros(slot_layout.total_bytes, np.uint8) for _ in range(num_slots)]
+        self._buffers = [self._mem.alloc(slot_layout.total_bytes) for _ in range(num_slots)]
         self._handles: list[int] = []
         self._regions: list[bytes] = []
         try:
@@ -72,21 +72,18 @@ class KVSender:
             raise ValueError(f"{num_tokens} tokens do not fit a slot of "
                              f"{self.slot_layout.num_tokens}")
         layout = self.slot_layout.with_tokens(num_tokens)
-        kv = runner.read_kv(block_table, num_tokens)  # [layers, 2, tokens, kv_heads, head_dim]
-        dst = layout.to_array(self._buffers[slot])
-        if kv.shape != dst.shape:
-            raise ValueError(f"runner KV {kv.shape} does not match the layout {dst.shape}")
-        dst[...] = kv
+        self._mem.fill(self._buffers[slot], runner, block_table, layout)
         self._staged[slot] = request_id
         return HandoffSource(request_id=request_id, conn_id=self._conn_id,
                              region=self._regions[slot], offset=0, layout=layout,
-                             checksums=layer_checksums(layout, self._buffers[slot]))
+                             checksums=self._mem.checksums(layout, self._buffers[slot]),
+                             checksum_algo=self._mem.checksum_algo)
 
     def release(self, slot: int) -> None:
         """Frees a staged slot (hand-off done or failed); releasing a free slot is a no-op."""
         self._staged.pop(slot, None)
 
-    def buffer(self, slot: int) -> np.ndarray:
+    def buffer(self, slot: int) -> Any:
         """The slot's flat byte buffer (tests and diagnostics)."""
         return self._buffers[slot]
 
