@@ -60,11 +60,12 @@ class LocalDeployment:
             *base, "orchestrator", "--registry", "embedded", "--port",
             _port(self.orchestrator_url), *common]))
         reg = ["--registry", self.orchestrator_url, "--backend", self.backend]
-        for i in range(self.instance_count):
+        devices = instance_devices(self.cfg.model.device, self.instance_count)
+        for i, device in enumerate(devices):
             url = f"http://{host}:{free_port()}"
             self.children.append(Child(f"instance-{i}", url, [
                 *base, "instance", "--port", _port(url), "--id", f"instance-{i}", *reg,
-                *common]))
+                "--device", device, *common]))
         self.url = f"http://{host}:{self.frontend_port}"
         self.children.append(Child("gateway", self.url, [
             *base, "gateway", "--port", str(self.frontend_port), *reg, *common]))
@@ -148,6 +149,20 @@ class LocalDeployment:
                 except subprocess.TimeoutExpired:
                     child.proc.kill()
                     child.proc.wait()
+
+
+def instance_devices(device: str, count: int) -> list[str]:
+    """The device of each of `count` instances: `cuda` (no index) spreads them over the visible
+    GPUs, one each while they last (a P/D pair over NCCL needs two distinct GPUs); any other
+    value is used as given."""
+    if device != "cuda":
+        return [device] * count
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise ValueError("model.device is cuda but no GPU is visible")
+    return [f"cuda:{i % n}" for i in range(count)]
 
 
 def _complete(status: dict[str, Any]) -> bool:
