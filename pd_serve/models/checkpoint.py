@@ -1,4 +1,9 @@
-"""Loads Hugging Face safetensors checkpoints (single file or sharded with an index) to NumPy."""
+"""Loads Hugging Face safetensors checkpoints (single file or sharded with an index) to NumPy.
+
+A model directory whose config.json carries the `pd_serve_random_init` marker has no checkpoint:
+its weights are generated from a seed (`pd_serve.models.random_init`, torch backend only). This
+module is the one place that tells the two kinds apart (`random_init_marker`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,23 @@ from pathlib import Path
 import numpy as np
 
 from pd_serve.models.config import ModelConfig
+
+RANDOM_INIT_KEY = "pd_serve_random_init"
+
+
+def random_init_marker(model_dir: str | Path) -> dict | None:
+    """The `pd_serve_random_init` object of the directory's config.json (seed, std), or None for
+    a directory with checkpoint files. ValueError if the marker is not an object."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text()).get(RANDOM_INIT_KEY)
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: invalid config.json ({exc})") from exc
+    if marker is not None and not isinstance(marker, dict):
+        raise ValueError(f"{path}: {RANDOM_INIT_KEY} must be an object, got {marker!r}")
+    return marker
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
@@ -64,6 +86,11 @@ def expected_weight_names(cfg: ModelConfig) -> list[str]:
 
 def load_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Checks names and shapes against `cfg`; a tied checkpoint may still carry lm_head."""
+    if random_init_marker(model_dir) is not None:
+        raise ValueError(
+            f"model directory {model_dir} has no checkpoint: its config.json carries "
+            f"{RANDOM_INIT_KEY!r}, weights generated from a seed, which only the torch backend "
+            "supports (pd_serve.models.random_init)")
     state = load_state_dict(model_dir)
     missing = [n for n in expected_weight_names(cfg) if n not in state]
     if missing:

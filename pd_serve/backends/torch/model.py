@@ -1,20 +1,30 @@
 """Llama-family decoder (Llama 2/3, Qwen2, Qwen3) in plain PyTorch over a paged KV cache.
 
-Every forward call uses one formulation for prefill and decode: the new tokens' K/V are written
-into their cache slots, then each query attends over its gathered context slots under a
-causal-by-position mask (see `pd_serve.backends.inputs`).
+The layer stack is written once (`TorchDecoder.run_layers`) over tokens of any leading shape;
+the attention step is passed in, so the plain formulation below (`forward`: write the new K/V
+into their slots, gather each row's context slots, attend under a causal-by-position mask, see
+`pd_serve.backends.inputs`) and the CUDA fast path (`fast_path.py`) share every other operation
+and therefore its numerics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pd_serve.models.checkpoint import load_weights
 from pd_serve.models.config import ModelConfig
+from pd_serve.models.random_init import RandomInit, RandomWeights
 from pd_serve.models.rope import cos_sin_table
+
+# (layer index, q [*, H, D], k [*, KVH, D], v [*, KVH, D]) -> attention output [*, H, D]; it also
+# writes k and v into the cache.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# HF tensor name -> tensor (any float dtype, any device), or None when the checkpoint lacks it.
+WeightFetch = Callable[[str], "torch.Tensor | None"]
 
 
 @dataclass
@@ -52,20 +62,34 @@ class ForwardInputs:
     logit_index: torch.Tensor | None  # [B] int64, token whose logits to return; None: all
 
 
-class WeightLoader:
-    """Turns checkpoint arrays (HF names) into device tensors, fusing projections on request."""
+def weight_fetch(model_dir: str, cfg: ModelConfig, device: torch.device) -> WeightFetch:
+    """The weights of `model_dir`: generated on `device` from the seed of a random-init
+    directory, else read from its checkpoint (NumPy on the host, checked against `cfg`)."""
+    spec = RandomInit.from_dir(model_dir)
+    if spec is not None:
+        return RandomWeights(cfg, spec, device)
+    arrays = load_weights(model_dir, cfg)
 
-    def __init__(self, arrays: dict[str, np.ndarray], device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.arrays, self.device, self.dtype = arrays, device, dtype
+    def from_checkpoint(name: str) -> torch.Tensor | None:
+        array = arrays.get(name)
+        return None if array is None else torch.from_numpy(array)
+
+    return from_checkpoint
+
+
+class WeightLoader:
+    """Turns checkpoint tensors (HF names) into device tensors, fusing projections on request."""
+
+    def __init__(self, fetch: WeightFetch, device: torch.device, dtype: torch.dtype) -> None:
+        self.fetch, self.device, self.dtype = fetch, device, dtype
 
     def get(self, name: str) -> torch.Tensor | None:
-        array = self.arrays.get(name)
-        return None if array is None else torch.from_numpy(array).to(self.device, self.dtype)
+        tensor = self.fetch(name)
+        return None if tensor is None else tensor.to(self.device, self.dtype)
 
     def need(self, name: str) -> torch.Tensor:
         tensor = self.get(name)
-        assert tensor is not None, f"load_weights checked {name}"
+        assert tensor is not None, f"the weight source checked {name}"
         return tensor
 
     def linear(self, *prefixes: str) -> Linear:
@@ -101,20 +125,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D]; cos, sin [B, T, 1, D] (half-split `rotate_half` convention)."""
+    """x [*, H, D]; cos, sin [*, 1, D] (half-split `rotate_half` convention)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
 class TorchDecoder:
-    """The decoder weights, rope table and the forward pass; the cache is passed in per call."""
+    """The decoder weights, rope table and the layer stack; the cache is passed in per call."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], max_positions: int,
+    def __init__(self, cfg: ModelConfig, fetch: WeightFetch, max_positions: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.cfg = cfg
         self.device, self.dtype = device, dtype
-        w = WeightLoader(weights, device, dtype)
+        w = WeightLoader(fetch, device, dtype)
         self.embed = w.need("model.embed_tokens.weight")  # [vocab, hidden]
         self.final_norm = w.need("model.norm.weight")  # [hidden]
         lm_head = None if cfg.tie_word_embeddings else w.get("lm_head.weight")
@@ -125,45 +149,63 @@ class TorchDecoder:
         self.cos = torch.from_numpy(cos).to(device, dtype)  # [max_positions, head_dim]
         self.sin = torch.from_numpy(sin).to(device, dtype)  # [max_positions, head_dim]
 
-    def forward(self, inp: ForwardInputs, kv_cache: torch.Tensor) -> torch.Tensor:
-        """kv_cache [num_layers, 2, num_slots, kv_heads, head_dim] is updated in place.
-        Returns float32 logits [B, vocab] (or [B, T, vocab] when `inp.logit_index` is None)."""
-        h = F.embedding(inp.token_ids, self.embed)  # [B, T, hidden]
-        cos = self.cos[inp.positions].unsqueeze(2)  # [B, T, 1, head_dim]
-        sin = self.sin[inp.positions].unsqueeze(2)
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `positions` [*], each [*, 1, head_dim] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
+
+    def run_layers(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                   attend: Attend) -> torch.Tensor:
+        """token_ids, positions [*] -> hidden states [*, hidden] before the final norm."""
+        h = F.embedding(token_ids, self.embed)  # [*, hidden]
+        cos, sin = self.rope(positions)
         eps = self.cfg.rms_norm_eps
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, eps)
-            h = h + self._attention(layer, x, cos, sin, inp, kv_cache[i])
+            h = h + layer.o(self._attention(i, layer, x, cos, sin, attend))
             x = rms_norm(h, layer.post_norm, eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)  # each [B, T, intermediate]
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)  # each [*, intermediate]
             h = h + layer.down(F.silu(gate) * up)
-        if inp.logit_index is not None:
-            rows = torch.arange(h.shape[0], device=h.device)
-            h = h[rows, inp.logit_index]  # [B, hidden]
-        h = rms_norm(h, self.final_norm, eps)
-        return F.linear(h, self.lm_head).float()
+        return h
 
-    def _attention(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, inp: ForwardInputs, cache: torch.Tensor) -> torch.Tensor:
-        """x [B, T, hidden] -> [B, T, hidden]; cache [2, num_slots, kv_heads, head_dim]."""
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [*, hidden] -> logits [*, vocab] in the model dtype."""
+        return F.linear(rms_norm(h, self.final_norm, self.cfg.rms_norm_eps), self.lm_head)
+
+    def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x [*, hidden] -> attention output [*, q_size] (before the o projection)."""
         cfg = self.cfg
-        b, t, _ = x.shape
         q, k, v = layer.qkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, H, D]
-        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, KVH, D]
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, KVH, D]
+        q = q.unflatten(-1, (cfg.num_heads, cfg.head_dim))  # [*, H, D]
+        k = k.unflatten(-1, (cfg.num_kv_heads, cfg.head_dim))  # [*, KVH, D]
+        v = v.unflatten(-1, (cfg.num_kv_heads, cfg.head_dim))  # [*, KVH, D]
         if layer.q_norm is not None and layer.k_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        slots = inp.slot_mapping.reshape(-1)  # [B*T]
-        cache[0].index_copy_(0, slots, k.reshape(b * t, cfg.num_kv_heads, cfg.head_dim))
-        cache[1].index_copy_(0, slots, v.reshape(b * t, cfg.num_kv_heads, cfg.head_dim))
-        keys = cache[0][inp.context_slots]  # [B, C, KVH, D]
-        values = cache[1][inp.context_slots]  # [B, C, KVH, D]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=inp.mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads,
-        )  # [B, H, T, D]
-        return layer.o(out.transpose(1, 2).reshape(b, t, cfg.q_size))
+        return attend(i, q, k, v).flatten(-2)
+
+    def forward(self, inp: ForwardInputs, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The plain formulation. kv_cache [num_layers, 2, num_slots, kv_heads, head_dim] is
+        updated in place. Returns float32 logits [B, vocab] (or [B, T, vocab] when
+        `inp.logit_index` is None)."""
+        cfg = self.cfg
+        gqa = cfg.num_heads != cfg.num_kv_heads
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache = kv_cache[i]  # [2, num_slots, KVH, D]
+            slots = inp.slot_mapping.reshape(-1)  # [B*T]
+            cache[0].index_copy_(0, slots, k.flatten(0, 1))
+            cache[1].index_copy_(0, slots, v.flatten(0, 1))
+            keys = cache[0][inp.context_slots]  # [B, C, KVH, D]
+            values = cache[1][inp.context_slots]  # [B, C, KVH, D]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=inp.mask, enable_gqa=gqa)  # [B, H, T, D]
+            return out.transpose(1, 2)  # [B, T, H, D]
+
+        h = self.run_layers(inp.token_ids, inp.positions, attend)  # [B, T, hidden]
+        if inp.logit_index is not None:
+            rows = torch.arange(h.shape[0], device=h.device)
+            h = h[rows, inp.logit_index]  # [B, hidden]
+        return self.logits(h).float()

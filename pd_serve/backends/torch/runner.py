@@ -1,11 +1,18 @@
 """TorchRunner: the ModelRunner of the PyTorch backend (CPU, or CUDA in bf16/fp16/fp32).
 
+Two execution paths over the same weights and cache, chosen once in the constructor: the plain
+formulation (`TorchDecoder.forward`, gathered context slots under a dense mask; CPU's default,
+the reference) and the fast path (`fast_path.py`: flash prefill, paged decode attention, CUDA
+graphs; CUDA's default). `TorchOptions` overrides the choice for tests and benchmarks.
+
 Lifecycle:
-1. `TorchRunner(cfg)` loads the checkpoint onto the device and allocates the KV cache, all
-   layers in one tensor of `num_blocks + 1` blocks (the last is the scratch block that takes
-   padding writes);
-2. `prefill` / `decode` / `read_kv` / `write_kv` any number of times, one call at a time;
-3. `close` drops the weights and the cache. The runner never frees blocks (the engine does).
+1. `TorchRunner(cfg)` loads the checkpoint (or generates random-init weights) onto the device
+   and allocates the KV cache, all layers in one tensor of `num_blocks + 1` blocks (the last is
+   the scratch block that takes padding writes);
+2. `warmup()` (optional; the serving runtime calls it) captures the decode CUDA graphs;
+3. `prefill` / `decode` / their `_argmax` forms / `read_kv` / `write_kv` / the device KV
+   methods any number of times, one call at a time;
+4. `close` drops the weights, graphs and the cache. The runner never frees blocks.
 """
 
 from __future__ import annotations
@@ -14,14 +21,11 @@ import numpy as np
 import torch
 
 from pd_serve.backends.base import DecodeBatch, ModelRunner, PrefillBatch, RunnerConfig
-from pd_serve.backends.inputs import (
-    PackedBatch,
-    attention_mask,
-    pack_decode,
-    pack_prefill,
-)
-from pd_serve.backends.torch.model import ForwardInputs, TorchDecoder
-from pd_serve.models.checkpoint import load_weights
+from pd_serve.backends.inputs import PackedBatch, attention_mask, pack_decode, pack_prefill
+from pd_serve.backends.torch.fast_path import FastPath, token_slots
+from pd_serve.backends.torch.kernels import load_pd_kernels
+from pd_serve.backends.torch.model import ForwardInputs, TorchDecoder, weight_fetch
+from pd_serve.backends.torch.options import TorchOptions
 from pd_serve.models.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,13 +44,14 @@ def parse_device(device: str) -> torch.device:
             raise ValueError(f"device {device!r} requested but CUDA is not available")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPUs visible")
+        parsed = torch.device("cuda", parsed.index or 0)  # graphs and generators want an index
     return parsed
 
 
 class TorchRunner(ModelRunner):
     """Runs the PyTorch decoder over a paged KV cache; returns float32 NumPy logits."""
 
-    def __init__(self, cfg: RunnerConfig) -> None:
+    def __init__(self, cfg: RunnerConfig, options: TorchOptions | None = None) -> None:
         self.device = parse_device(cfg.device)
         # CPU always runs float32 (RunnerConfig.dtype applies to accelerators).
         self.dtype = torch.float32 if self.device.type == "cpu" else DTYPES[cfg.dtype]
@@ -54,6 +59,7 @@ class TorchRunner(ModelRunner):
             if cfg.threads <= 0:
                 raise ValueError(f"threads must be positive, got {cfg.threads}")
             torch.set_num_threads(cfg.threads)
+        self.options = options if options is not None else TorchOptions.from_env()
         mc = ModelConfig.from_dir(cfg.model_dir)
         self.model_config = mc
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
@@ -62,21 +68,33 @@ class TorchRunner(ModelRunner):
         self.block_size, self.num_blocks = cfg.block_size, cfg.num_blocks
         self.scratch_slot = cfg.num_blocks * cfg.block_size
         with torch.inference_mode():
-            weights = load_weights(cfg.model_dir, mc)
-            self.model = TorchDecoder(mc, weights, self.max_model_len, self.device, self.dtype)
+            fetch = weight_fetch(cfg.model_dir, mc, self.device)
+            self.model = TorchDecoder(mc, fetch, self.max_model_len, self.device, self.dtype)
             shape = (mc.num_layers, 2, cfg.num_blocks + 1, cfg.block_size, mc.num_kv_heads,
                      mc.head_dim)
             # [num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim]
             self.kv_blocks = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # [num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim], same storage
         self.kv_cache = self.kv_blocks.view(mc.num_layers, 2, -1, mc.num_kv_heads, mc.head_dim)
+        fast = self.options.fast if self.options.fast is not None else self.device.type == "cuda"
+        # The one place the execution path is chosen.
+        self.fast = FastPath(self.model, self.kv_blocks, self.options, self.max_model_len,
+                             load_pd_kernels()) if fast else None
+
+    @torch.inference_mode()
+    def warmup(self) -> int:
+        """Captures the fast path's decode graphs; returns how many (0 on the plain path)."""
+        return self.fast.warmup() if self.fast is not None else 0
 
     @torch.inference_mode()
     def prefill(self, batch: PrefillBatch) -> np.ndarray | list[np.ndarray]:
-        for seq in batch.seqs:
-            if not seq.token_ids:
-                raise ValueError("prefill: a sequence chunk has no token_ids")
-            self._check_table(seq.block_table)
+        self._check_prefill(batch)
+        if self.fast is not None:
+            logits = self.fast.prefill(batch.seqs, batch.return_all_logits).float().cpu().numpy()
+            if not batch.return_all_logits:
+                return logits  # [num_seqs, vocab]
+            bounds = np.cumsum([len(s.token_ids) for s in batch.seqs])[:-1]
+            return np.split(logits, bounds)
         packed = pack_prefill(batch, self.block_size, self.scratch_slot)
         if batch.return_all_logits:
             logits = self._forward(packed, all_logits=True)  # [B, T, vocab]
@@ -84,15 +102,27 @@ class TorchRunner(ModelRunner):
         return self._forward(packed, all_logits=False)
 
     @torch.inference_mode()
+    def prefill_argmax(self, batch: PrefillBatch) -> np.ndarray:
+        if self.fast is None:
+            return super().prefill_argmax(batch)
+        self._check_prefill(batch)
+        logits = self.fast.prefill(batch.seqs, all_rows=False)  # [num_seqs, vocab]
+        return logits.argmax(-1).cpu().numpy()
+
+    @torch.inference_mode()
     def decode(self, batch: DecodeBatch) -> np.ndarray:
-        n = len(batch.token_ids)
-        if len(batch.positions) != n or len(batch.block_tables) != n:
-            raise ValueError(f"decode: {n} token_ids but {len(batch.positions)} positions and "
-                             f"{len(batch.block_tables)} block_tables")
-        for table in batch.block_tables:
-            self._check_table(table)
+        self._check_decode(batch)
+        if self.fast is not None:
+            return self.fast.decode(batch)[1].float().cpu().numpy()  # [n, vocab]
         packed = pack_decode(batch, self.block_size, self.scratch_slot)
         return self._forward(packed, all_logits=False)
+
+    @torch.inference_mode()
+    def decode_argmax(self, batch: DecodeBatch) -> np.ndarray:
+        if self.fast is None:
+            return super().decode_argmax(batch)
+        self._check_decode(batch)
+        return self.fast.decode(batch)[0].cpu().numpy()  # [n] int64: the only copy back
 
     @torch.inference_mode()
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
@@ -101,31 +131,54 @@ class TorchRunner(ModelRunner):
         return self.kv_cache[:, :, slots].float().cpu().numpy()
 
     @torch.inference_mode()
-    def write_kv(self, block_table: list[int], kv: np.ndarray) -> None:
+    def write_kv(self, block_table: list[int], kv: np.ndarray | torch.Tensor) -> None:
+        """`kv` in the `read_kv` layout: a NumPy array, or a tensor on any device (a CUDA
+        tensor in the cache dtype is written without a host round trip)."""
         mc = self.model_config
-        if kv.ndim != 5 or kv.shape[:2] != (mc.num_layers, 2) or kv.shape[3:] != (
-                mc.num_kv_heads, mc.head_dim):
-            raise ValueError(f"write_kv: kv has shape {kv.shape}, expected "
+        if kv.ndim != 5 or tuple(kv.shape[:2]) != (mc.num_layers, 2) or tuple(
+                kv.shape[3:]) != (mc.num_kv_heads, mc.head_dim):
+            raise ValueError(f"write_kv: kv has shape {tuple(kv.shape)}, expected "
                              f"({mc.num_layers}, 2, num_tokens, {mc.num_kv_heads}, {mc.head_dim})")
         slots = self._token_slots(block_table, kv.shape[2])
-        self.kv_cache[:, :, slots] = torch.from_numpy(np.ascontiguousarray(kv)).to(
-            self.device, self.dtype)
+        src = kv if isinstance(kv, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(kv))
+        self.kv_cache[:, :, slots] = src.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def gather_kv_device(self, block_table: list[int], num_tokens: int,
+                         out: torch.Tensor) -> None:
+        """Copies the first `num_tokens` tokens' K/V into `out` on the device, in the `read_kv`
+        layout [num_layers, 2, num_tokens, num_kv_heads, head_dim] and the cache dtype."""
+        table = self._device_table(block_table, num_tokens, out)
+        kernels = load_pd_kernels()
+        if kernels is not None:
+            kernels.gather_kv(self.kv_blocks, table, num_tokens, out)
+        else:
+            out.view(self._kv_shape(num_tokens)).copy_(
+                self.kv_cache[:, :, self._token_slots(block_table, num_tokens)])
+
+    @torch.inference_mode()
+    def scatter_kv_device(self, block_table: list[int], src: torch.Tensor,
+                          num_tokens: int) -> None:
+        """Writes `src` (the `gather_kv_device` layout, on the device) into the slots of the
+        first `num_tokens` positions of `block_table`."""
+        table = self._device_table(block_table, num_tokens, src)
+        kernels = load_pd_kernels()
+        if kernels is not None:
+            kernels.scatter_kv(src, self.kv_blocks, table, num_tokens)
+        else:
+            slots = self._token_slots(block_table, num_tokens)
+            self.kv_cache[:, :, slots] = src.view(self._kv_shape(num_tokens))
 
     def close(self) -> None:
+        self.fast = None
         del self.model, self.kv_cache, self.kv_blocks
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _forward(self, packed: PackedBatch, all_logits: bool) -> np.ndarray:
-        """Logits as float32 NumPy: [B, vocab], or [B, T, vocab] with `all_logits`."""
-        if int(packed.context_lens.max()) > self.max_model_len:
-            raise ValueError(f"sequence of {int(packed.context_lens.max())} tokens exceeds "
-                             f"max_model_len {self.max_model_len}")
-        vocab = self.model_config.vocab_size
-        if packed.token_ids.min() < 0 or packed.token_ids.max() >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab})")
+        """The plain formulation. Logits as float32 NumPy: [B, vocab], or [B, T, vocab] with
+        `all_logits`."""
         mask = attention_mask(packed)  # [B, T, C]
-        mask[:, :, 0] = True  # padding queries see one key, so no row softmaxes over nothing
 
         def dev(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(self.device, torch.int64)
@@ -138,16 +191,70 @@ class TorchRunner(ModelRunner):
         )
         return self.model.forward(inputs, self.kv_cache).cpu().numpy()
 
+    def _check_prefill(self, batch: PrefillBatch) -> None:
+        if not batch.seqs:
+            raise ValueError("empty prefill batch")
+        for seq in batch.seqs:
+            if not seq.token_ids:
+                raise ValueError("prefill: a sequence chunk has no token_ids")
+            if seq.start_pos < 0:
+                raise ValueError(f"prefill: start_pos must be >= 0, got {seq.start_pos}")
+            self._check_table(seq.block_table)
+            end = seq.start_pos + len(seq.token_ids)
+            if end > self.max_model_len:
+                raise ValueError(f"sequence of {end} tokens exceeds max_model_len "
+                                 f"{self.max_model_len}")
+            if len(seq.block_table) * self.block_size < end:
+                raise ValueError(f"block table of {len(seq.block_table)} blocks cannot hold "
+                                 f"{end} tokens")
+            self._check_tokens(seq.token_ids)
+
+    def _check_decode(self, batch: DecodeBatch) -> None:
+        n = len(batch.token_ids)
+        if n == 0:
+            raise ValueError("empty decode batch")
+        if len(batch.positions) != n or len(batch.block_tables) != n:
+            raise ValueError(f"decode: {n} token_ids but {len(batch.positions)} positions and "
+                             f"{len(batch.block_tables)} block_tables")
+        if self.fast is not None:
+            return  # the fast path checks tables, positions and tokens vectorised while packing
+        for table in batch.block_tables:
+            self._check_table(table)
+        if max(batch.positions) >= self.max_model_len:
+            raise ValueError(f"sequence of {max(batch.positions) + 1} tokens exceeds "
+                             f"max_model_len {self.max_model_len}")
+        self._check_tokens(batch.token_ids)
+
+    def _check_tokens(self, ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+
     def _check_table(self, table: list[int]) -> None:
         if any(b < 0 or b >= self.num_blocks for b in table):
             raise ValueError(f"block table {table} has ids outside [0, {self.num_blocks})")
+
+    def _kv_shape(self, num_tokens: int) -> tuple[int, ...]:
+        mc = self.model_config
+        return (mc.num_layers, 2, num_tokens, mc.num_kv_heads, mc.head_dim)
+
+    def _device_table(self, block_table: list[int], num_tokens: int,
+                      buf: torch.Tensor) -> torch.Tensor:
+        """Checks a device hand-off's table and buffer; the table as int32 on the device."""
+        self._check_table(block_table)
+        if num_tokens <= 0 or num_tokens > len(block_table) * self.block_size:
+            raise ValueError(f"{num_tokens} tokens do not fit {len(block_table)} blocks")
+        expected = int(np.prod(self._kv_shape(num_tokens)))
+        if buf.device != self.device or buf.dtype != self.dtype or buf.numel() != expected:
+            raise ValueError(f"KV buffer must be {self.dtype} on {self.device} with {expected} "
+                             f"elements {self._kv_shape(num_tokens)}, got {buf.dtype} on "
+                             f"{buf.device} with {buf.numel()}")
+        return torch.tensor(block_table, dtype=torch.int32, device=self.device)
 
     def _token_slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slot of each position 0 .. num_tokens - 1, [num_tokens] int64 on the device."""
         self._check_table(block_table)
         if num_tokens < 0 or num_tokens > len(block_table) * self.block_size:
             raise ValueError(f"{num_tokens} tokens do not fit {len(block_table)} blocks")
-        pos = np.arange(num_tokens)
-        table = np.asarray(block_table, dtype=np.int64)
-        slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
+        slots = token_slots(block_table, 0, num_tokens, self.block_size)
         return torch.from_numpy(slots).to(self.device)
