@@ -34,6 +34,12 @@ def make_main(args: list[str]) -> int:
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True).returncode
 
 
+def need(weights: RandomWeights, name: str) -> torch.Tensor:
+    tensor = weights(name)
+    assert tensor is not None, name
+    return tensor
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_model(tmp_path_factory.mktemp("rand") / "tiny", "tiny", seed=7)
@@ -77,15 +83,15 @@ def test_weights_deterministic_and_shaped(tiny_dir: Path) -> None:
     a, b = RandomWeights(mc, spec, "cpu"), RandomWeights(mc, spec, "cpu")
     other = RandomWeights(mc, RandomInit(8, 0.02), "cpu")
     for name, shape in weight_shapes(mc).items():
-        x = a(name)
-        assert x is not None and tuple(x.shape) == shape and x.dtype == torch.float32
-        assert torch.equal(x, b(name))
-    q = a("model.layers.0.self_attn.q_proj.weight")
-    assert q is not None and abs(float(q.std()) - 0.02) < 0.002
-    assert not torch.equal(q, a("model.layers.1.self_attn.q_proj.weight"))
-    assert not torch.equal(q, other("model.layers.0.self_attn.q_proj.weight"))
-    norm = a("model.layers.0.input_layernorm.weight")
-    assert norm is not None and torch.equal(norm, torch.ones_like(norm))
+        x = need(a, name)
+        assert tuple(x.shape) == shape and x.dtype == torch.float32
+        assert torch.equal(x, need(b, name))
+    q = need(a, "model.layers.0.self_attn.q_proj.weight")
+    assert abs(float(q.std()) - 0.02) < 0.002
+    assert not torch.equal(q, need(a, "model.layers.1.self_attn.q_proj.weight"))
+    assert not torch.equal(q, need(other, "model.layers.0.self_attn.q_proj.weight"))
+    norm = need(a, "model.layers.0.input_layernorm.weight")
+    assert torch.equal(norm, torch.ones_like(norm))
     assert a("model.layers.0.self_attn.q_proj.bias") is None  # llama has no biases
 
 
