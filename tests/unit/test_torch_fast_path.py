@@ -132,6 +132,10 @@ def test_device_kv_round_trip(runners: Pair) -> None:
     np.testing.assert_array_equal(out.view(expected.shape).numpy(), expected)
     fast.scatter_kv_device([47, 0, 1], out, 37)
     np.testing.assert_array_equal(fast.read_kv([47, 0, 1], 37), expected)
+    raw = torch.zeros(out.numel() * 4 + 64, dtype=torch.uint8)  # a larger byte buffer
+    fast.gather_kv_device([44, 45, 46], 37, raw)
+    np.testing.assert_array_equal(raw[:out.numel() * 4].view(torch.float32).numpy(), out.numpy())
+    assert not raw[out.numel() * 4:].any()
     fast.write_kv([2, 3, 4], torch.from_numpy(expected))  # a tensor in the read_kv layout
     np.testing.assert_array_equal(fast.read_kv([2, 3, 4], 37), expected)
     with pytest.raises(ValueError, match="KV buffer"):

@@ -113,7 +113,8 @@ class TorchRunner(ModelRunner):
     def decode(self, batch: DecodeBatch) -> np.ndarray:
         self._check_decode(batch)
         if self.fast is not None:
-            return self.fast.decode(batch)[1].float().cpu().numpy()  # [n, vocab]
+            logits = self.fast.decode(batch)[1]  # a view of the static output buffer
+            return logits.to("cpu", torch.float32, copy=True).numpy()  # [n, vocab]
         packed = pack_decode(batch, self.block_size, self.scratch_slot)
         return self._forward(packed, all_logits=False)
 
@@ -122,7 +123,8 @@ class TorchRunner(ModelRunner):
         if self.fast is None:
             return super().decode_argmax(batch)
         self._check_decode(batch)
-        return self.fast.decode(batch)[0].cpu().numpy()  # [n] int64: the only copy back
+        ids = self.fast.decode(batch)[0]  # [n] int64: the only copy back
+        return ids.to("cpu", copy=True).numpy()
 
     @torch.inference_mode()
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
@@ -146,28 +148,29 @@ class TorchRunner(ModelRunner):
     @torch.inference_mode()
     def gather_kv_device(self, block_table: list[int], num_tokens: int,
                          out: torch.Tensor) -> None:
-        """Copies the first `num_tokens` tokens' K/V into `out` on the device, in the `read_kv`
-        layout [num_layers, 2, num_tokens, num_kv_heads, head_dim] and the cache dtype."""
-        table = self._device_table(block_table, num_tokens, out)
+        """Copies the first `num_tokens` tokens' K/V into `out` on the device: a contiguous
+        tensor of the cache dtype or uint8 with room for them, whose first elements receive
+        the `read_kv` layout [num_layers, 2, num_tokens, num_kv_heads, head_dim]."""
+        table, flat = self._device_args(block_table, num_tokens, out)
         kernels = load_pd_kernels()
         if kernels is not None:
             kernels.gather_kv(self.kv_blocks, table, num_tokens, out)
         else:
-            out.view(self._kv_shape(num_tokens)).copy_(
+            flat.view(self._kv_shape(num_tokens)).copy_(
                 self.kv_cache[:, :, self._token_slots(block_table, num_tokens)])
 
     @torch.inference_mode()
     def scatter_kv_device(self, block_table: list[int], src: torch.Tensor,
                           num_tokens: int) -> None:
-        """Writes `src` (the `gather_kv_device` layout, on the device) into the slots of the
-        first `num_tokens` positions of `block_table`."""
-        table = self._device_table(block_table, num_tokens, src)
+        """Writes `src` (laid out as `gather_kv_device` fills it, on the device) into the
+        slots of the first `num_tokens` positions of `block_table`."""
+        table, flat = self._device_args(block_table, num_tokens, src)
         kernels = load_pd_kernels()
         if kernels is not None:
             kernels.scatter_kv(src, self.kv_blocks, table, num_tokens)
         else:
             slots = self._token_slots(block_table, num_tokens)
-            self.kv_cache[:, :, slots] = src.view(self._kv_shape(num_tokens))
+            self.kv_cache[:, :, slots] = flat.view(self._kv_shape(num_tokens))
 
     def close(self) -> None:
         self.fast = None
@@ -238,18 +241,23 @@ class TorchRunner(ModelRunner):
         mc = self.model_config
         return (mc.num_layers, 2, num_tokens, mc.num_kv_heads, mc.head_dim)
 
-    def _device_table(self, block_table: list[int], num_tokens: int,
-                      buf: torch.Tensor) -> torch.Tensor:
-        """Checks a device hand-off's table and buffer; the table as int32 on the device."""
+    def _device_args(self, block_table: list[int], num_tokens: int,
+                     buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checks a device hand-off's table and buffer; returns the table (int32 on the
+        device) and the buffer's first K/V elements as a flat tensor of the cache dtype."""
         self._check_table(block_table)
         if num_tokens <= 0 or num_tokens > len(block_table) * self.block_size:
             raise ValueError(f"{num_tokens} tokens do not fit {len(block_table)} blocks")
-        expected = int(np.prod(self._kv_shape(num_tokens)))
-        if buf.device != self.device or buf.dtype != self.dtype or buf.numel() != expected:
-            raise ValueError(f"KV buffer must be {self.dtype} on {self.device} with {expected} "
-                             f"elements {self._kv_shape(num_tokens)}, got {buf.dtype} on "
-                             f"{buf.device} with {buf.numel()}")
-        return torch.tensor(block_table, dtype=torch.int32, device=self.device)
+        need = int(np.prod(self._kv_shape(num_tokens)))
+        ok_type = buf.dtype in (self.dtype, torch.uint8) and buf.is_contiguous()
+        flat = buf.view(-1).view(self.dtype) if ok_type and buf.device == self.device else None
+        if flat is None or flat.numel() < need:
+            raise ValueError(f"KV buffer must be a contiguous {self.dtype} or uint8 tensor on "
+                             f"{self.device} with room for {need} elements "
+                             f"{self._kv_shape(num_tokens)}, got {buf.dtype} {tuple(buf.shape)} "
+                             f"on {buf.device}")
+        table = torch.tensor(block_table, dtype=torch.int32, device=self.device)
+        return table, flat[:need]
 
     def _token_slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slot of each position 0 .. num_tokens - 1, [num_tokens] int64 on the device."""
