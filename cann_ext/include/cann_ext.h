@@ -10,8 +10,11 @@
  *   - the host TCP backend, every function below: endpoints, connection ids, connect/accept,
  *     registration, export/import, SEND/RECV/WRITE/READ batches, cx_test/cx_wait;
  *   - cx_gather_blocks / cx_scatter_blocks.
- * NCCL and HCCL are options whose sources are not written yet (cx_endpoint_create answers
- * CX_ERR_UNSUPPORTED for them); they slot in behind this same API.
+ *   - the NCCL backend as thin cx_nccl_* calls (libnccl loaded at run time, always built):
+ *     2-rank communicators and grouped sends/receives of CUDA device memory, driven by
+ *     pd_serve/kv/nccl*.py, which adds the control plane and the one-sided READ semantics.
+ *     It is not (yet) behind cx_endpoint_create, which answers CX_ERR_UNSUPPORTED for
+ *     CX_BACKEND_NCCL; HCCL is an option whose source is not written yet.
  *
  * Host TCP in brief (wire format in src/wire.h): cx_endpoint_conn_id listens on
  * config.bind_address and returns "cx-tcp/1 <ip> <port> <nonce>"; each endpoint has an
@@ -139,7 +142,8 @@ CX_API int cx_abi_version(void);
 CX_API const char *cx_status_string(cx_status status);
 /* Detail of the calling thread's last failure ("" if none); valid until its next cx_ call. */
 CX_API const char *cx_last_error(void);
-/* 1 if transfers of this backend work in this build, else 0 (host TCP: always 1). */
+/* 1 if transfers of this backend work here, else 0 (host TCP: always 1; NCCL: once
+ * cx_nccl_load succeeded). */
 CX_API int cx_backend_available(cx_backend backend);
 
 /* ---- endpoint ---- */
@@ -214,6 +218,53 @@ CX_API cx_status cx_gather_blocks(const void *paged, uint64_t paged_bytes,
 CX_API cx_status cx_scatter_blocks(void *paged, uint64_t paged_bytes,
                                    const cx_block_layout *layout, const int64_t *block_ids,
                                    uint64_t num_ids, const void *contig, uint64_t contig_bytes);
+
+/* ---- NCCL backend (built; libnccl loaded at run time) ----
+ *
+ * libnccl is found by cx_nccl_load: `path` when given, then $PD_SERVE_NCCL_LIB when set (only
+ * that file: a path set on purpose never falls back to another copy), else libnccl.so.2 and
+ * libnccl.so on the loader's search path. The nvidia-nccl-cu12 / nvidia-nccl-cu13 wheels ship
+ * it as site-packages/nvidia/nccl/lib/libnccl.so.2; pd_serve.kv.nccl_lib finds that file (or
+ * the copy torch already mapped) and passes its full path. NCCL >= 2.17 is required.
+ *
+ * Communicators are non-blocking (ncclConfig_t.blocking = 0): init, group ends and finalize may
+ * answer "in progress" (*in_progress = 1, CX_OK); poll cx_nccl_comm_poll until it is 0 before
+ * recording events on the stream or posting more, and abort on your own deadline. `comm` is an
+ * ncclComm_t and `stream` a cudaStream_t, both as void *. NCCL failures return CX_ERR_BACKEND
+ * (CX_ERR_CONNECTION for ncclRemoteError, CX_ERR_INVALID_ARG for invalid argument/usage) with
+ * NCCL's texts in cx_last_error(); calls before a successful load return CX_ERR_UNSUPPORTED.
+ * Like NCCL itself, a communicator must be used by one thread at a time.
+ */
+
+/* Loads libnccl once per process (later calls only report the version, NCCL_VERSION_CODE
+ * style, e.g. 22805). CX_ERR_NOT_FOUND naming every candidate tried and why it failed. */
+CX_API cx_status cx_nccl_load(const char *path, int *version);
+/* Writes a fresh 128-byte ncclUniqueId (cap >= 128) for the other rank to receive. */
+CX_API cx_status cx_nccl_get_unique_id(void *out, size_t cap);
+/* Starts joining communicator `unique_id` (len 128) as `rank` of `nranks` on the calling
+ * thread's current CUDA device; returns at once, poll cx_nccl_comm_poll until ready. */
+CX_API cx_status cx_nccl_comm_init(const void *unique_id, size_t len, int nranks, int rank,
+                                   void **comm);
+/* ncclCommGetAsyncError: CX_OK with *in_progress 0 (ready) or 1, else the error. */
+CX_API cx_status cx_nccl_comm_poll(void *comm, int *in_progress);
+/* Flushes and quiesces a healthy communicator (poll until ready), before cx_nccl_comm_destroy. */
+CX_API cx_status cx_nccl_comm_finalize(void *comm, int *in_progress);
+CX_API cx_status cx_nccl_comm_destroy(void *comm);
+/* Frees the communicator and stops its kernels without waiting for the peer. */
+CX_API cx_status cx_nccl_comm_abort(void *comm);
+CX_API cx_status cx_nccl_group_start(void);
+CX_API cx_status cx_nccl_group_end(int *in_progress);
+/* One ncclSend / ncclRecv of `bytes` bytes (ncclUint8) with rank `peer`, enqueued on `stream`. */
+CX_API cx_status cx_nccl_send(void *comm, const void *buf, uint64_t bytes, int peer,
+                              void *stream, int *in_progress);
+CX_API cx_status cx_nccl_recv(void *comm, void *buf, uint64_t bytes, int peer, void *stream,
+                              int *in_progress);
+/* One group of n sends (is_recv 0) or receives (1) of the ranges base + offsets[i],
+ * lengths[i] (bytes, each > 0), in order, with rank `peer` on `stream`. Ranges are checked
+ * only for emptiness and address overflow: the caller checks them against its buffers. */
+CX_API cx_status cx_nccl_post(void *comm, int is_recv, uint64_t base, const uint64_t *offsets,
+                              const uint64_t *lengths, size_t n, int peer, void *stream,
+                              int *in_progress);
 
 #ifdef __cplusplus
 }

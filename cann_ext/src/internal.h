@@ -145,6 +145,10 @@ int cx_cond_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint32_t timeout_ms,
 /* Grows *items (of *cap elements of `size`) to hold `need`; 0 on success. */
 int cx_grow(void **items, size_t *cap, size_t need, size_t size);
 
+/* ---- backend_nccl.c ---- */
+/* 1 once cx_nccl_load succeeded in this process (cx_backend_available). */
+int cx_nccl_is_loaded(void);
+
 /* ---- endpoint.c (ep->mu held) ---- */
 registration *cx_reg_find(cx_endpoint *ep, cx_mem_handle handle);
 /* Checks [offset, offset + length) against a live registration; sets the detail on failure. */

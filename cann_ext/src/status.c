@@ -6,7 +6,7 @@
 
 #include "internal.h"
 
-static _Thread_local char last_error[512];
+static _Thread_local char last_error[1024];
 
 const char *cx_version(void) { return CX_VERSION_STRING; }
 
@@ -45,7 +45,9 @@ cx_status cx_ok(void) {
     return CX_OK;
 }
 
-int cx_backend_available(cx_backend backend) { return backend == CX_BACKEND_HOST_TCP; }
+int cx_backend_available(cx_backend backend) {
+    return backend == CX_BACKEND_HOST_TCP || (backend == CX_BACKEND_NCCL && cx_nccl_is_loaded());
+}
 
 struct timespec cx_deadline(uint32_t timeout_ms) {
     struct timespec ts;
