@@ -25,7 +25,6 @@ from pd_serve.models.random_init import (
 )
 from pd_serve.models.tokenizer import Tokenizer
 
-
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_random_model.py"
 
 

@@ -10,6 +10,7 @@ Lifecycle:
    and allocates the KV cache, all layers in one tensor of `num_blocks + 1` blocks (the last is
    the scratch block that takes padding writes);
 2. `warmup()` (optional; the serving runtime calls it) captures the decode CUDA graphs;
+   `reconfigure(options)` switches the path later (and needs another `warmup`);
 3. `prefill` / `decode` / their `_argmax` forms / `read_kv` / `write_kv` / the device KV
    methods any number of times, one call at a time;
 4. `close` drops the weights, graphs and the cache. The runner never frees blocks.
@@ -76,10 +77,21 @@ class TorchRunner(ModelRunner):
             self.kv_blocks = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # [num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim], same storage
         self.kv_cache = self.kv_blocks.view(mc.num_layers, 2, -1, mc.num_kv_heads, mc.head_dim)
-        fast = self.options.fast if self.options.fast is not None else self.device.type == "cuda"
-        # The one place the execution path is chosen.
-        self.fast = FastPath(self.model, self.kv_blocks, self.options, self.max_model_len,
-                             load_pd_kernels()) if fast else None
+        self.fast: FastPath | None = None
+        self.reconfigure(self.options)
+
+    def reconfigure(self, options: TorchOptions) -> None:
+        """Chooses the execution path for `options` over the loaded weights and cache (the one
+        place it is chosen; benchmarks switch paths without reloading). Graphs captured before
+        are dropped: call `warmup` again."""
+        self.options = options
+        fast = options.fast if options.fast is not None else self.device.type == "cuda"
+        self.fast = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if fast:
+            self.fast = FastPath(self.model, self.kv_blocks, options, self.max_model_len,
+                                 load_pd_kernels())
 
     @torch.inference_mode()
     def warmup(self) -> int:
