@@ -114,8 +114,11 @@ def make_transport(cfg: ServeConfig) -> Any:
     """cann_ext host TCP (host buffers), or NCCL between GPUs (device buffers)."""
     if cfg.pd.transport == "nccl":
         from pd_serve.kv.nccl import NcclTransport
+        from pd_serve.kv.nccl_config import NcclConfig
 
-        return NcclTransport(f"{cfg.pd.transport_host}:0", device=cfg.model.device)
+        index = cfg.model.device.partition(":")[2]
+        return NcclTransport(NcclConfig(device=int(index) if index.isdigit() else 0,
+                                        bind_host=cfg.pd.transport_host))
     from pd_serve.kv.transport import CannExtTransport
 
     return CannExtTransport(f"{cfg.pd.transport_host}:0")
