@@ -1,20 +1,35 @@
 """The Llama-family decoder (Llama 2/3, Qwen2, Qwen3) as MindSpore cells over a paged KV cache.
 
 Activations stay flat as [N = B * T, hidden]; attention alone reshapes to [B, heads, T, C].
-Each layer owns its K and V cache as Parameters updated in place inside the graph: new K/V are
-scattered into `slot_mapping`, then the context is gathered by `context_slots` and attended with
-a causal-by-position mask (the formulation of `pd_serve.backends.inputs`).
+Each layer's attention kernel (`attention.py`: the generic formulation, or Ascend's fused kernels
+in `ascend_ops.py`) owns its K and V cache as Parameters updated in place inside the graph: new
+K/V are written into `slot_mapping`, then every query attends over its context `context_slots`
+with a causal-by-position mask (the formulation of `pd_serve.backends.inputs`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore import dtype as mstype
 
+from pd_serve.backends.mindspore.attention import build_kernel
 from pd_serve.models.config import ModelConfig
 
 Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Every layer's KV cache: `num_blocks` blocks (the scratch block included) of
+    `block_size` tokens, laid out for the attention `kind` (`attention.GENERIC` or
+    `attention.ASCEND_FUSED`)."""
+
+    kind: str
+    num_blocks: int
+    block_size: int
 
 
 def _param(array: np.ndarray, name: str, dtype: mstype.Type) -> Parameter:
@@ -47,15 +62,14 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Cell):
-    """GQA self-attention with optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+    """GQA self-attention with optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3); the
+    cache write and the attention itself are the chosen kernel's (`attention.build_kernel`)."""
 
-    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, num_slots: int,
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, cache: CacheSpec,
                  dtype: mstype.Type) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.group = cfg.num_heads // cfg.num_kv_heads
-        self.scale = cfg.head_dim ** -0.5
         self.has_bias, self.qk_norm = cfg.attention_bias, cfg.qk_norm
         p = prefix + "self_attn."
         self.qkv_weight = _param(np.concatenate(
@@ -67,21 +81,17 @@ class Attention(nn.Cell):
         if self.qk_norm:
             self.q_norm = _norm(w, p + "q_norm.weight", cfg.rms_norm_eps, dtype)
             self.k_norm = _norm(w, p + "k_norm.weight", cfg.rms_norm_eps, dtype)
-        cache = np.zeros((num_slots, cfg.num_kv_heads, cfg.head_dim), np.float32)
-        # [(num_blocks + 1) * block_size, num_kv_heads, head_dim]; the last block is scratch.
-        self.k_cache = _param(cache, p + "k_cache", dtype)
-        self.v_cache = _param(cache, p + "v_cache", dtype)
+        self.kernel = build_kernel(cache.kind, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cache.num_blocks, cache.block_size, p, dtype)
         self.matmul_t = ops.MatMul(transpose_b=True)
-        self.bmm_t = ops.BatchMatMul(transpose_b=True)
-        self.bmm = ops.BatchMatMul()
         self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, ctx_slots: Tensor,
-                  masked: Tensor) -> Tensor:
-        """x [N, hidden]; slots [N]; ctx_slots [B, C]; masked [B, 1, 1, T, C] (True: hidden)."""
-        b, c = ctx_slots.shape
+                  masked: Tensor, block_tables: Tensor | None = None,
+                  context_lens: Tensor | None = None) -> Tensor:
+        """x [N, hidden]; slots [N]; ctx_slots [B, C]; masked [B, 1, 1, T, C] (True: hidden);
+        block_tables [B, MB] and context_lens [B]: the fused kernel's (None for generic)."""
         n = x.shape[0]
-        t = n // b
         qkv = self.matmul_t(x, self.qkv_weight)  # [N, q_size + 2 * kv_size]
         if self.has_bias:
             qkv = qkv + self.qkv_bias
@@ -92,25 +102,8 @@ class Attention(nn.Cell):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        k_all = ops.scatter_update(self.k_cache, slots, k)
-        v_all = ops.scatter_update(self.v_cache, slots, v)
-        flat_ctx = ctx_slots.reshape(-1)
-        ctx_shape = (b, c, self.num_kv_heads, self.head_dim)
-        # k_ctx, v_ctx: [B, kv_heads, C, D]
-        k_ctx = ops.gather(k_all, flat_ctx, 0).reshape(ctx_shape).transpose(0, 2, 1, 3)
-        v_ctx = ops.gather(v_all, flat_ctx, 0).reshape(ctx_shape).transpose(0, 2, 1, 3)
-        # q: [B, kv_heads, group * T, D]; query head h uses kv head h // group
-        q = q.reshape(b, t, self.num_kv_heads, self.group, self.head_dim).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(b, self.num_kv_heads, self.group * t, self.head_dim)
-        scores = self.bmm_t(q, k_ctx) * self.scale  # [B, kv_heads, group * T, C]
-        scores = ops.cast(scores.reshape(b, self.num_kv_heads, self.group, t, c), mstype.float32)
-        # a finite fill keeps all-padding rows NaN-free (uniform weights over scratch)
-        scores = ops.masked_fill(scores, masked, float(np.finfo(np.float32).min))
-        probs = ops.softmax(scores, -1).astype(x.dtype)
-        out = self.bmm(probs.reshape(b, self.num_kv_heads, self.group * t, c), v_ctx)
-        out = out.reshape(b, self.num_kv_heads, self.group, t, self.head_dim)
-        out = out.transpose(0, 3, 1, 2, 4)  # [B, T, kv_heads, group, D]
-        return self.matmul_t(out.reshape(n, -1), self.o_weight)
+        out = self.kernel(q, k, v, slots, ctx_slots, masked, block_tables, context_lens)
+        return self.matmul_t(out, self.o_weight)  # [N, hidden]
 
 
 class MLP(nn.Cell):
@@ -130,19 +123,21 @@ class MLP(nn.Cell):
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: ModelConfig, w: Weights, index: int, num_slots: int,
+    def __init__(self, cfg: ModelConfig, w: Weights, index: int, cache: CacheSpec,
                  dtype: mstype.Type) -> None:
         super().__init__()
         p = f"model.layers.{index}."
         eps = cfg.rms_norm_eps
         self.input_norm = _norm(w, p + "input_layernorm.weight", eps, dtype)
-        self.attn = Attention(cfg, w, p, num_slots, dtype)
+        self.attn = Attention(cfg, w, p, cache, dtype)
         self.post_norm = _norm(w, p + "post_attention_layernorm.weight", eps, dtype)
         self.mlp = MLP(w, p, dtype)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, ctx_slots: Tensor,
-                  masked: Tensor) -> Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, slots, ctx_slots, masked)
+                  masked: Tensor, block_tables: Tensor | None = None,
+                  context_lens: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, slots, ctx_slots, masked, block_tables,
+                          context_lens)
         return x + self.mlp(self.post_norm(x))
 
 
@@ -153,12 +148,12 @@ class DecoderModel(nn.Cell):
     prefill or decode step with a packed batch; its K/V caches persist between calls.
     """
 
-    def __init__(self, cfg: ModelConfig, w: Weights, num_slots: int,
+    def __init__(self, cfg: ModelConfig, w: Weights, cache: CacheSpec,
                  cos_sin: tuple[np.ndarray, np.ndarray], dtype: mstype.Type) -> None:
         super().__init__()
         self.embed = _param(w["model.embed_tokens.weight"], "model.embed_tokens.weight", dtype)
         self.layers = nn.CellList(
-            [DecoderLayer(cfg, w, i, num_slots, dtype) for i in range(cfg.num_layers)])
+            [DecoderLayer(cfg, w, i, cache, dtype) for i in range(cfg.num_layers)])
         self.norm = _norm(w, "model.norm.weight", cfg.rms_norm_eps, dtype)
         self.tied = cfg.tie_word_embeddings
         if not self.tied:
@@ -168,9 +163,11 @@ class DecoderModel(nn.Cell):
         self.matmul_t = ops.MatMul(transpose_b=True)
 
     def construct(self, token_ids: Tensor, positions: Tensor, slot_mapping: Tensor,
-                  context_slots: Tensor, context_lens: Tensor, logit_rows: Tensor) -> Tensor:
+                  context_slots: Tensor, context_lens: Tensor, logit_rows: Tensor,
+                  block_tables: Tensor | None = None) -> Tensor:
         """token_ids, positions, slot_mapping [B, T]; context_slots [B, C]; context_lens [B];
-        logit_rows [R] flat indices into the B * T tokens. Returns float32 logits [R, vocab]."""
+        logit_rows [R] flat indices into the B * T tokens; block_tables [B, MB] for the fused
+        Ascend kernel only. Returns float32 logits [R, vocab]."""
         b, t = token_ids.shape
         c = context_slots.shape[1]
         flat_pos = positions.reshape(-1)
@@ -183,7 +180,7 @@ class DecoderModel(nn.Cell):
         slots = slot_mapping.reshape(-1)
         x = ops.gather(self.embed, token_ids.reshape(-1), 0)  # [N, hidden]
         for layer in self.layers:
-            x = layer(x, cos, sin, slots, context_slots, masked)
+            x = layer(x, cos, sin, slots, context_slots, masked, block_tables, context_lens)
         x = self.norm(ops.gather(x, logit_rows, 0))  # [R, hidden]
         head = self.embed if self.tied else self.lm_head
         return ops.cast(self.matmul_t(x, head), mstype.float32)

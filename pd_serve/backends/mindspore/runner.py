@@ -1,5 +1,9 @@
 """MindSporeRunner: the MindSpore implementation of ModelRunner (CPU here, Ascend in production).
 
+Device: `cpu` runs the generic attention formulation; `ascend` runs Ascend's fused kernels
+(ReshapeAndCache, FlashAttentionScore, PagedAttention) where dtype and head size allow, chosen
+once by `attention.select_attention`, which also fails clearly on a machine without Ascend.
+
 Shapes: MindSpore compiles one graph per distinct input shape. We pad every batch up to a
 (B, T, C) bucket (B a power of two; T >= 16 for prefill and 1 for decode; C >= max(16,
 block_size); T and C powers of two up to 256, then quarter-octave steps 320, 384, 448, 512,
@@ -22,7 +26,7 @@ import os
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, ops
+from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from pd_serve.backends.base import DecodeBatch, ModelRunner, PrefillBatch, RunnerConfig
@@ -33,7 +37,8 @@ from pd_serve.backends.inputs import (
     pack_prefill,
     shape_bucket,
 )
-from pd_serve.backends.mindspore.model import DecoderModel
+from pd_serve.backends.mindspore.attention import ASCEND_FUSED, select_attention
+from pd_serve.backends.mindspore.model import CacheSpec, DecoderModel
 from pd_serve.models.checkpoint import load_weights
 from pd_serve.models.config import ModelConfig
 from pd_serve.models.rope import cos_sin_table
@@ -78,8 +83,11 @@ class MindSporeRunner(ModelRunner):
     """Prefill and decode through one jit-compiled DecoderModel, one graph per shape bucket."""
 
     def __init__(self, cfg: RunnerConfig) -> None:
-        configure_process(cfg.device, cfg.threads)
         self.model_config = ModelConfig.from_dir(cfg.model_dir)
+        # before the device is touched: on a machine without Ascend this names what is missing
+        self.attention = select_attention(cfg.device, cfg.dtype, self.model_config.head_dim)
+        logger.info("mindspore attention: %s (%s)", self.attention.kind, self.attention.reason)
+        configure_process(cfg.device, cfg.threads)
         self.block_size, self.num_blocks = cfg.block_size, cfg.num_blocks
         self.scratch_slot = cfg.num_blocks * cfg.block_size
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
@@ -88,8 +96,8 @@ class MindSporeRunner(ModelRunner):
         mc = self.model_config
         tables = cos_sin_table(mc.rope, mc.head_dim, self.max_model_len)
         weights = load_weights(cfg.model_dir, mc)
-        num_slots = (cfg.num_blocks + 1) * cfg.block_size
-        self.model = DecoderModel(mc, weights, num_slots, tables, dtype)
+        cache = CacheSpec(self.attention.kind, cfg.num_blocks + 1, cfg.block_size)
+        self.model = DecoderModel(mc, weights, cache, tables, dtype)
         self.model.set_train(False)
         self._forward = ms.jit(self.model.construct)
         self.compiled_shapes: set[tuple[int, ...]] = set()  # (B, T, C, rows) buckets run so far
@@ -130,8 +138,8 @@ class MindSporeRunner(ModelRunner):
 
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         slots = Tensor(self._slots(block_table, num_tokens), mstype.int32)
-        out = [[ops.gather(cache, slots, 0).asnumpy().astype(np.float32) for cache in
-                (layer.attn.k_cache, layer.attn.v_cache)] for layer in self.model.layers]
+        out = [[kv.asnumpy().astype(np.float32) for kv in layer.attn.kernel.read(slots)]
+               for layer in self.model.layers]
         return np.asarray(out)  # [num_layers, 2, num_tokens, num_kv_heads, head_dim]
 
     def write_kv(self, block_table: list[int], kv: np.ndarray) -> None:
@@ -142,8 +150,7 @@ class MindSporeRunner(ModelRunner):
             raise ValueError(f"kv has shape {kv.shape}, expected {expected}")
         slots = Tensor(self._slots(block_table, num_tokens), mstype.int32)
         for layer, layer_kv in zip(self.model.layers, kv):
-            for cache, values in zip((layer.attn.k_cache, layer.attn.v_cache), layer_kv):
-                ops.scatter_update(cache, slots, Tensor(values, cache.dtype))
+            layer.attn.kernel.write(slots, layer_kv[0], layer_kv[1])
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -184,7 +191,11 @@ class MindSporeRunner(ModelRunner):
         assert packed.slot_mapping.min() >= 0 and packed.context_slots.max() <= self.scratch_slot
         b, t = packed.token_ids.shape
         self.compiled_shapes.add((b, t, packed.context_slots.shape[1], len(rows)))
-        out = self._forward(Tensor(packed.token_ids), Tensor(packed.positions),
-                            Tensor(packed.slot_mapping), Tensor(packed.context_slots),
-                            Tensor(packed.context_lens), Tensor(rows))
-        return out.asnumpy()
+        inputs = [packed.token_ids, packed.positions, packed.slot_mapping, packed.context_slots,
+                  packed.context_lens, rows]
+        if self.attention.kind == ASCEND_FUSED:
+            from pd_serve.backends.mindspore.ascend_ops import fused_step_inputs
+
+            block_tables, inputs[4] = fused_step_inputs(packed, self.block_size)
+            inputs.append(block_tables)
+        return self._forward(*[Tensor(a) for a in inputs]).asnumpy()
