@@ -45,10 +45,17 @@ from pd_serve.kv.transport import TransportError, TransportTimeout
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP_OPS = 2048  # sends/receives per NCCL group; bigger batches post several groups
+MAX_GROUP_OPS = 1024  # sends/receives per NCCL group; bigger batches post several groups
 SPIN_S = 0.02  # poll without sleeping this long, then every POLL_STEP_S
 POLL_STEP_S = 1e-4
 SOCKET_TIMEOUT_S = 30.0  # a control send that cannot drain this long means the peer is stuck
+
+
+def scratch_tensor(device: int) -> Any:
+    """The 64 bytes a pair's warm-up moves."""
+    import torch
+
+    return torch.zeros(64, dtype=torch.uint8, device=f"cuda:{device}")  # [64]
 
 
 class Backoff:
@@ -83,7 +90,7 @@ class NcclPeer:
         self.dead: str | None = None  # why the pair failed, once it did
         self._frames = FrameReader()
         self._socket_thread = threading.get_ident()
-        self._scratch = torch.zeros(64, dtype=torch.uint8, device=f"cuda:{device}")  # [64]
+        self._scratch = scratch_tensor(device)
 
     # ---- control socket ----
 
