@@ -42,8 +42,10 @@ def _tile_slots(  # type: ignore[no-untyped-def]  # triton helpers take untyped 
 def _mma(a, b, IEEE: tl.constexpr):  # type: ignore[no-untyped-def]  # triton tensors
     """a @ b in float32; IEEE keeps float32 inputs exact (no TF32), else b's dtype."""
     if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a.to(b.dtype), b)
+        result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        result = tl.dot(a.to(b.dtype), b)
+    return result
 
 
 @triton.jit
@@ -87,18 +89,31 @@ def _split_kernel(  # type: ignore[no-untyped-def]  # triton kernels take untype
         v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=mask, other=0.0)
         acc = acc * alpha[:, None] + _mma(p, v, IEEE)
         m_i = m_new
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    o = acc / l_safe[:, None]  # rows without keys stay 0
-    store = row_ok[:, None] & d_ok[None, :]
     if ONE_SPLIT:
-        dest = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(dest, o.to(out_ptr.dtype.element_ty), mask=store)
+        _store_final(out_ptr + b * stride_ob, stride_oh, heads, d, acc, l_i, row_ok, d_ok)
     else:
         row = (b * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + split  # [B, H, S]
-        tl.store(part_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], o, mask=store)
-        lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + row, lse, mask=row_ok)
+        _store_split(part_ptr, lse_ptr, row, d, acc, m_i, l_i, row_ok, d_ok, HEAD_DIM)
+
+
+@triton.jit
+def _store_final(out_row, stride_oh, heads, d, acc, l_i, row_ok, d_ok):
+    """The single split's output, normalised, in out's dtype; rows without keys get 0."""
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(out_row + heads[:, None] * stride_oh + d[None, :], o.to(out_row.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _store_split(  # type: ignore[no-untyped-def]  # triton helpers take untyped tensors
+        part_ptr, lse_ptr, row, d, acc, m_i, l_i, row_ok, d_ok, HEAD_DIM: tl.constexpr):
+    """One split's normalised output (float32) and log2-sum-exp (-inf when it had no keys)."""
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    tl.store(part_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
+             acc / l_safe[:, None], mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + row, tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf")),
+             mask=row_ok)
 
 
 @triton.jit
