@@ -34,7 +34,8 @@ import numpy as np
 
 from pd_serve.kv import nccl_lib
 from pd_serve.kv.nccl_config import NcclConfig, nccl_unavailable_reason, peer_info
-from pd_serve.kv.nccl_peer import NcclPeer, NcclRead, positive
+from pd_serve.kv.nccl_peer import NcclPeer
+from pd_serve.kv.nccl_read import NcclRead, positive
 from pd_serve.kv.nccl_regions import Regions, check_tensor
 from pd_serve.kv.nccl_server import ControlServer
 from pd_serve.kv.nccl_wire import (

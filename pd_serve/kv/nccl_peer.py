@@ -2,7 +2,8 @@
 
 Rank 0 is the region owner (it sends), rank 1 the reader (it receives). Lifecycle:
 1. created on a connected control socket by the reader's `connect` or the owner's serving
-   thread (the creating thread alone reads the socket: `pump`);
+   thread. Who reads the socket (`pump`): on the owner side only that serving thread (a raw
+   sender just sleeps there); on the reader side whichever caller thread waits, one at a time;
 2. `init_comm(uid)` joins the communicator, `warm_up` moves a few bytes so NCCL's lazy
    point-to-point connection exists before the first real read;
 3. `post` enqueues groups of sends/receives on the pair's transfer stream and records an event
@@ -10,7 +11,6 @@ Rank 0 is the region owner (it sends), rank 1 the reader (it receives). Lifecycl
    a deadline);
 4. any failure goes through `fail`, which aborts the communicator (never waiting for the other
    side) and closes the socket exactly once; `close` does the same on purpose.
-`NcclRead` is one posted read batch of the reader, waited on through its pair.
 `lock` serialises the communicator calls (NCCL communicators are not thread-safe; the owner's
 serving thread, a raw sender and `close` may share one) and is never held while waiting, so a
 teardown from another thread aborts a stuck transfer instead of waiting for its deadline.
@@ -19,13 +19,11 @@ teardown from another thread aborts a stuck transfer instead of waiting for its 
 from __future__ import annotations
 
 import logging
-import math
 import select
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -89,7 +87,9 @@ class NcclPeer:
         self.inbox: deque[Message] = deque()
         self.dead: str | None = None  # why the pair failed, once it did
         self._frames = FrameReader()
-        self._socket_thread = threading.get_ident()
+        # Owner side: only the serving thread reads; reader side: any thread, one at a time.
+        self._socket_thread = threading.get_ident() if rank == 0 else None
+        self._sock_lock = threading.Lock()
         self._scratch = scratch_tensor(device)
 
     # ---- control socket ----
@@ -100,41 +100,44 @@ class NcclPeer:
         except OSError as exc:
             raise self.fail(f"control connection to {self.label} broke: {exc}") from exc
 
+    def _may_read(self) -> bool:
+        return self._socket_thread is None or threading.get_ident() == self._socket_thread
+
     def pump(self, wait_s: float) -> None:
-        """Moves what arrived (waiting up to wait_s) into `inbox`. Only the thread that created
-        the pair reads its socket; others just sleep here."""
+        """Moves what arrived (waiting up to wait_s) into `inbox`; a thread that may not read
+        the socket now (see the module docstring) just sleeps here."""
         self.check_alive()
-        if threading.get_ident() != self._socket_thread:
+        if not self._may_read() or not self._sock_lock.acquire(blocking=False):
             time.sleep(wait_s)
             return
         try:
             readable = select.select([self.sock], [], [], wait_s)[0]
             data = self.sock.recv(1 << 20) if readable else None
+            if data:
+                self.inbox.extend(self._frames.feed(data))
         except OSError as exc:
             raise self.fail(f"control connection to {self.label} broke: {exc}") from exc
+        except WireError as exc:
+            raise self.fail(f"{self.label} sent a bad control message: {exc}") from exc
+        finally:
+            self._sock_lock.release()
         if data == b"":
             raise self.fail(f"{self.label} closed the control connection (process gone?)")
-        if data:
-            try:
-                self.inbox.extend(self._frames.feed(data))
-            except WireError as exc:
-                raise self.fail(f"{self.label} sent a bad control message: {exc}") from exc
 
     def check_inbox(self) -> None:
         """Raises for an Error from the other side (the pair is then dead: its posted
         transfers can only be aborted); drops Done acks; keeps everything else in order.
-        Only the socket's thread looks: the inbox is that thread's."""
-        if threading.get_ident() != self._socket_thread or \
-                not any(isinstance(m, Error | Done) for m in self.inbox):
+        Only a thread that may read the socket looks."""
+        if not self._may_read():
             return
-        keep: deque[Message] = deque()
-        for msg in self.inbox:
-            if isinstance(msg, Error):
-                what = "" if msg.read_id is None else f" (read {msg.read_id})"
-                raise self.fail(f"{self.label} reported an error{what}: {msg.message}")
-            if not isinstance(msg, Done):
-                keep.append(msg)
-        self.inbox = keep
+        with self._sock_lock:
+            if not any(isinstance(m, Error | Done) for m in self.inbox):
+                return
+            errors = [m for m in self.inbox if isinstance(m, Error)]
+            self.inbox = deque(m for m in self.inbox if not isinstance(m, Error | Done))
+        if errors:
+            what = "" if errors[0].read_id is None else f" (read {errors[0].read_id})"
+            raise self.fail(f"{self.label} reported an error{what}: {errors[0].message}")
 
     def expect(self, kind: type, deadline: float, what: str) -> Any:
         """The next message, which must be a `kind`; TransportTimeout after `deadline`."""
@@ -258,43 +261,3 @@ class NcclPeer:
         except OSError:
             pass
 
-
-class NcclRead:
-    """One posted read batch (NcclTransport.read_batch_async). `event` (recorded on the pair's
-    transfer stream) lets a compute stream `wait_event` without blocking the host; it also
-    completes when the pair is aborted, so trust the bytes only after `wait()` returned. Every
-    read must be waited: its local region stays pinned until then."""
-
-    def __init__(self, peer: NcclPeer, event: Any, deadline: float, what: str,
-                 on_done: Callable[[bool], None]) -> None:
-        self.event = event
-        self._peer, self._deadline, self._what = peer, deadline, what
-        self._on_done = on_done  # called once with `failed`: unpins, drops a failed pair
-        self._error: TransportError | None = None
-        self._finished = False
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Blocks until the bytes landed, up to the read's own deadline or `timeout_s` from
-        now. TransportTimeout or TransportError: the pair was aborted (a timeout here ends the
-        read too) and dropped, the local region unpinned. Call it from the thread that
-        connected: only that thread watches the control connection."""
-        if self._finished:
-            if self._error is not None:
-                raise self._error
-            return
-        deadline = self._deadline if timeout_s is None else time.monotonic() + positive(timeout_s)
-        try:
-            self._peer.wait_event(self.event, deadline, self._what)
-        except TransportError as exc:
-            self._error = exc
-            raise
-        finally:
-            self._finished = True
-            self._on_done(self._error is not None)
-
-
-def positive(timeout_s: float) -> float:
-    """`timeout_s` as a float; ValueError unless a positive finite number."""
-    if not isinstance(timeout_s, int | float) or not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    return float(timeout_s)
