@@ -10,7 +10,9 @@ mkdir -p "$PD_SERVE_PY_EXTRA"
 for wheel in .data/wheels312/*.whl; do
   [[ -e "$wheel" ]] && python -m zipfile -e "$wheel" "$PD_SERVE_PY_EXTRA"
 done
-export PYTHONPATH="$PWD:$PWD/kernels:$PWD/.data/py312:$PD_SERVE_PY_EXTRA${PYTHONPATH:+:$PYTHONPATH}"
+# kernels/ installs as pd_kernels (setup.py); here a link gives the source tree that name.
+mkdir -p "$PD_SERVE_PY_EXTRA/src" && ln -sfn "$PWD/kernels" "$PD_SERVE_PY_EXTRA/src/pd_kernels"
+export PYTHONPATH="$PWD:$PD_SERVE_PY_EXTRA/src:$PWD/.data/py312:$PD_SERVE_PY_EXTRA${PYTHONPATH:+:$PYTHONPATH}"
 cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DCANN_EXT_WITH_NCCL=ON > build_gpu.log
 cmake --build build/gpu --parallel 8 >> build_gpu.log
 mkdir -p pd_serve/kv/_lib
