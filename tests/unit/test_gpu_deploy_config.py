@@ -34,7 +34,7 @@ def test_cuda_spreads_instances_over_gpus(monkeypatch: pytest.MonkeyPatch) -> No
                                               ("device_checksum", "crc32")])
 def test_bad_transport_settings(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"pd.{field}"):
-        dataclasses.replace(PDConfig(), **{field: value})
+        dataclasses.replace(PDConfig(), **{field: value})  # type: ignore[arg-type]
 
 
 def test_nccl_needs_torch_on_cuda() -> None:
