@@ -176,7 +176,10 @@ def main() -> int:
                                     "methods": {}, "error": f"{type(exc).__name__}: {exc}"})
                     side.reconnect()
     finally:
-        leftover = side.close()
+        try:
+            leftover: dict[str, Any] = side.close()
+        except (EOFError, OSError, RuntimeError) as exc:
+            leftover = {"error": f"closing failed: {type(exc).__name__}: {exc}"}
         proc.join(60)
     report = {"bench": "gpu_handoff", "date": datetime.datetime.now().isoformat(),
               "elapsed_s": time.time() - started, "machine": machine(side, kernels),

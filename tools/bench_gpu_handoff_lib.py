@@ -79,6 +79,11 @@ class Case:
         return torch.zeros(shape, dtype=DTYPE, device=device)  # [L, 2, NB, BS, KVH, D]
 
 
+def device_name(index: int) -> str:
+    """The torch device of GPU `index` (one place, so a CPU dry run can swap it)."""
+    return f"cuda:{index}"
+
+
 def pattern16(idx: torch.Tensor, seed: int) -> torch.Tensor:
     """int16 bit patterns of finite positive bf16 values, a function of (index, seed) alone."""
     return ((idx * 2654435761 + seed * 40503) >> 9 & 0x3FFF).to(torch.int16)
@@ -163,7 +168,7 @@ class PrefillSide:
 
     def __init__(self, device: int) -> None:
         self.device = device
-        self.dev = f"cuda:{device}"
+        self.dev = device_name(device)
         self.gather = load_kernels()[0]
         self.transport = NcclTransport(NcclConfig(device=device))
         self.peer: Any = None

@@ -16,6 +16,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+import bench_gpu_handoff_lib as lib
 import numpy as np
 import torch
 from bench_gpu_handoff_lib import (
@@ -39,7 +40,7 @@ class DecodeSide:
     """Decode side of the benchmark (see the module docstring)."""
 
     def __init__(self, conn: Connection, device: int) -> None:
-        self.conn, self.device, self.dev = conn, device, f"cuda:{device}"
+        self.conn, self.device, self.dev = conn, device, lib.device_name(device)
         torch.cuda.set_device(device)
         _, self.scatter, _, _ = load_kernels()
         self.transport = NcclTransport(NcclConfig(device=device))
@@ -156,14 +157,14 @@ class DecodeSide:
         torch.cuda.empty_cache()
         self.ask("teardown")
 
-    def close(self) -> dict[str, int]:
+    def close(self) -> dict[str, Any]:
         """Tears down, stops the prefill process and closes; what was left (leak check)."""
         if self.handles:
             self.teardown()
         while self.conn.poll(0.1):
             self.conn.recv()
         self.conn.send(("quit",))
-        left = {"prefill_registered": int(self.conn.recv()[1]),
+        left: dict[str, Any] = {"prefill_registered": int(self.conn.recv()[1]),
                 "decode_registered": self.transport.num_registered}
         self.transport.close()
         left["decode_pairs"] = self.transport.num_peers
