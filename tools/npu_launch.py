@@ -129,6 +129,13 @@ def start_shell(g: Group, args: argparse.Namespace) -> str:
             f"echo $! > {run}/{g.name}.pid")
 
 
+def preflight_shell(args: argparse.Namespace) -> str:
+    """Fails (naming what is missing) on a node without NPU, CANN or MindSpore's Ascend plugin,
+    before any instance starts there."""
+    return (f"cd {shlex.quote(args.remote_dir)} && . {shlex.quote(args.cann_env)} && "
+            f"{shlex.quote(args.python)} -m pd_serve.backends.mindspore.attention")
+
+
 def stop_shell(g: Group, remote_dir: str) -> str:
     pid = f"{RUN_DIR}/{g.name}.pid"
     return f"cd {shlex.quote(remote_dir)} && kill -TERM $(cat {pid}) && rm -f {pid}"
@@ -172,6 +179,7 @@ def build_plan(nodes: list[NodeDevices], base: dict[str, Any], args: argparse.Na
                                args.ssh_user))
         sources = [f.local for f in files if f.node in (None, node.host)]
         commands.append(copy_argv(sources, node.host, dest, args))
+        commands.append(remote(node.host, preflight_shell(args), args.local_node, args.ssh_user))
         commands += [remote(node.host, start_shell(g, args), args.local_node, args.ssh_user)
                      for g in mine]
     return Plan(header, [] if args.stop else files, commands)

@@ -55,6 +55,12 @@ def test_ascend_on_this_machine_fails_clearly() -> None:
         attention.select_attention("ascend", "bfloat16", 64)
 
 
+@pytest.mark.skipif(Path("/dev/davinci0").exists(), reason="this machine has an NPU")
+def test_preflight_check_fails_here(capsys: pytest.CaptureFixture[str]) -> None:
+    assert attention.main() == 1  # what tools/npu_launch.py runs on every node first
+    assert capsys.readouterr().out.startswith("ascend: missing NPU device files")
+
+
 def test_probe_accepts_a_complete_install(tmp_path: Path) -> None:
     (tmp_path / "davinci0").touch()
     lib = tmp_path / "cann" / "lib64"

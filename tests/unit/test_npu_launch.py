@@ -197,7 +197,7 @@ def test_real_run_writes_files_and_runs_the_plan(tmp_path: Path,
     monkeypatch.setattr(subprocess, "run", fake_run)
     out_dir = tmp_path / "npu"
     assert launch.main(_launch_args("--group-size", "4", "--out-dir", str(out_dir))) == 0
-    assert len(ran) == 2 * (1 + 1 + 2)  # per node: mkdir, copy, two instances
+    assert len(ran) == 2 * (1 + 1 + 1 + 2)  # per node: mkdir, copy, pre-flight, two instances
     assert ran[1][0] == "scp" and ran[1][-1] == "192.0.2.11:/opt/pd-serve/run/npu/"
     written = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
     assert written == ["192.0.2.11/192.0.2.11-g0.env", "192.0.2.11/192.0.2.11-g1.env",

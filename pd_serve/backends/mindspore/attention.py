@@ -149,3 +149,15 @@ class GenericAttention(nn.Cell):
         """Stores k, v [S, kv_heads, D] into `slots` [S] (eager, outside the graph)."""
         for cache, values in ((self.k_cache, k), (self.v_cache, v)):
             ops.scatter_update(cache, slots, Tensor(values, cache.dtype))
+
+
+def main() -> int:
+    """`python -m pd_serve.backends.mindspore.attention`: a node's pre-flight check for Ascend
+    (exit status 1, naming what is missing, on a machine that cannot run the fused path)."""
+    lacking = missing_ascend_parts()
+    print("ascend: ready" if not lacking else "ascend: missing " + "; ".join(lacking))
+    return 1 if lacking else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
