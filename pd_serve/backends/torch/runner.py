@@ -18,6 +18,11 @@ Lifecycle:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, TypeVar
+
 import numpy as np
 import torch
 
@@ -29,7 +34,19 @@ from pd_serve.backends.torch.model import ForwardInputs, TorchDecoder, weight_fe
 from pd_serve.backends.torch.options import TorchOptions
 from pd_serve.models.config import ModelConfig
 
+F = TypeVar("F", bound=Callable[..., Any])
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _on_device(fn: F) -> F:
+    """Runs a runner method in inference mode with the runner's GPU current: the engine and
+    loader threads start on cuda:0, and Triton kernels and CUDA graphs use the current device."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with torch.inference_mode(), ctx:
+            return fn(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def parse_device(device: str) -> torch.device:
@@ -93,12 +110,12 @@ class TorchRunner(ModelRunner):
             self.fast = FastPath(self.model, self.kv_blocks, options, self.max_model_len,
                                  load_pd_kernels())
 
-    @torch.inference_mode()
+    @_on_device
     def warmup(self) -> int:
         """Captures the fast path's decode graphs; returns how many (0 on the plain path)."""
         return self.fast.warmup() if self.fast is not None else 0
 
-    @torch.inference_mode()
+    @_on_device
     def prefill(self, batch: PrefillBatch) -> np.ndarray | list[np.ndarray]:
         self._check_prefill(batch)
         if self.fast is not None:
@@ -113,7 +130,7 @@ class TorchRunner(ModelRunner):
             return [logits[i, :q] for i, q in enumerate(packed.query_lens)]
         return self._forward(packed, all_logits=False)
 
-    @torch.inference_mode()
+    @_on_device
     def prefill_argmax(self, batch: PrefillBatch) -> np.ndarray:
         if self.fast is None:
             return super().prefill_argmax(batch)
@@ -121,7 +138,7 @@ class TorchRunner(ModelRunner):
         logits = self.fast.prefill(batch.seqs, all_rows=False)  # [num_seqs, vocab]
         return logits.argmax(-1).cpu().numpy()
 
-    @torch.inference_mode()
+    @_on_device
     def decode(self, batch: DecodeBatch) -> np.ndarray:
         self._check_decode(batch)
         if self.fast is not None:
@@ -130,7 +147,7 @@ class TorchRunner(ModelRunner):
         packed = pack_decode(batch, self.block_size, self.scratch_slot)
         return self._forward(packed, all_logits=False)
 
-    @torch.inference_mode()
+    @_on_device
     def decode_argmax(self, batch: DecodeBatch) -> np.ndarray:
         if self.fast is None:
             return super().decode_argmax(batch)
@@ -138,13 +155,13 @@ class TorchRunner(ModelRunner):
         ids = self.fast.decode(batch)[0]  # [n] int64: the only copy back
         return ids.to("cpu", copy=True).numpy()
 
-    @torch.inference_mode()
+    @_on_device
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         """Returns float32 [num_layers, 2, num_tokens, num_kv_heads, head_dim]."""
         slots = self._token_slots(block_table, num_tokens)
         return self.kv_cache[:, :, slots].float().cpu().numpy()
 
-    @torch.inference_mode()
+    @_on_device
     def write_kv(self, block_table: list[int], kv: np.ndarray | torch.Tensor) -> None:
         """`kv` in the `read_kv` layout: a NumPy array, or a tensor on any device (a CUDA
         tensor in the cache dtype is written without a host round trip)."""
@@ -157,7 +174,7 @@ class TorchRunner(ModelRunner):
         src = kv if isinstance(kv, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(kv))
         self.kv_cache[:, :, slots] = src.to(self.device, self.dtype)
 
-    @torch.inference_mode()
+    @_on_device
     def gather_kv_device(self, block_table: list[int], num_tokens: int,
                          out: torch.Tensor) -> None:
         """Copies the first `num_tokens` tokens' K/V into `out` on the device: a contiguous
@@ -171,7 +188,7 @@ class TorchRunner(ModelRunner):
             flat.view(self._kv_shape(num_tokens)).copy_(
                 self.kv_cache[:, :, self._token_slots(block_table, num_tokens)])
 
-    @torch.inference_mode()
+    @_on_device
     def scatter_kv_device(self, block_table: list[int], src: torch.Tensor,
                           num_tokens: int) -> None:
         """Writes `src` (laid out as `gather_kv_device` fills it, on the device) into the
