@@ -61,6 +61,31 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+_SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def tokenizer_hash(model_dir: str | Path) -> str:
+    """sha256 hex identifying a model directory's tokenization: its tokenizer.json in canonical
+    JSON form (sorted keys, no whitespace, so reformatting the file does not change it) plus the
+    ids of the special-token roles tokenizer_config.json names (bos, eos, pad, unk: which id
+    stops generation is part of what two sides must agree on). Needs no `tokenizers` package.
+    ValueError when the directory has no tokenizer.json."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"model directory {model_dir} has no tokenizer.json")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    ids = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    vocab = spec.get("model", {}).get("vocab")
+    lookup = {**vocab, **ids} if isinstance(vocab, dict) else ids
+    special = {role: lookup.get(_token_text(cfg.get(role)) or "") for role in _SPECIAL_ROLES}
+    canonical = json.dumps({"tokenizer": spec, "special_ids": special}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting multi-byte
     characters, decoding only a short window of recent ids per step (linear in output length).
