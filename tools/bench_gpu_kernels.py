@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -36,23 +35,19 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pd_serve.backends.torch.kernels import load_pd_kernels as find_pd_kernels  # noqa: E402
+
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 DTYPE = torch.bfloat16
 
 
 def load_pd_kernels() -> ModuleType:
     """pd_kernels as installed, else the source tree's kernels/ under that name."""
-    try:
-        import pd_kernels
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "pd_kernels", ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")])
-        assert spec is not None and spec.loader is not None
-        pd_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["pd_kernels"] = pd_kernels
-        spec.loader.exec_module(pd_kernels)
-    return pd_kernels
+    module = find_pd_kernels()
+    assert module is not None, "kernels/ is missing from the source tree"
+    return module
 
 
 class Timer:

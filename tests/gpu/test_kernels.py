@@ -14,15 +14,15 @@ CUDA memory allocated returns to its value before the test (the kernels keep not
 from __future__ import annotations
 
 import gc
-import importlib.util
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+
+from pd_serve.backends.torch.kernels import load_pd_kernels as find_pd_kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
@@ -35,17 +35,9 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 def load_pd_kernels() -> ModuleType:
     """pd_kernels as installed, else the source tree's kernels/ under that name."""
-    try:
-        import pd_kernels
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "pd_kernels", ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")])
-        assert spec is not None and spec.loader is not None
-        pd_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["pd_kernels"] = pd_kernels
-        spec.loader.exec_module(pd_kernels)
-    return pd_kernels
+    module = find_pd_kernels()
+    assert module is not None, "kernels/ is missing from the source tree"
+    return module
 
 
 pk = load_pd_kernels()
