@@ -1,51 +1,12 @@
-"""A posted read of the NCCL transport (`NcclTransport.read_batch_async`) and timeout checks."""
+"""A posted read of the NCCL transport (`NcclTransport.read_batch_async`): p2p_read.P2PRead,
+whose `event` is a torch.cuda.Event a compute stream may `wait_event` on."""
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
-from typing import Any
+from pd_serve.kv.p2p_read import P2PRead, positive
 
-from pd_serve.kv.nccl_peer import NcclPeer
-from pd_serve.kv.transport import TransportError
+__all__ = ["NcclRead", "positive"]
 
 
-class NcclRead:
-    """One posted read batch (NcclTransport.read_batch_async). `event` (recorded on the pair's
-    transfer stream) lets a compute stream `wait_event` without blocking the host; it also
-    completes when the pair is aborted, so trust the bytes only after `wait()` returned. Every
-    read must be waited: its local region stays pinned until then."""
-
-    def __init__(self, peer: NcclPeer, event: Any, deadline: float, what: str,
-                 on_done: Callable[[bool], None]) -> None:
-        self.event = event
-        self._peer, self._deadline, self._what = peer, deadline, what
-        self._on_done = on_done  # called once with `failed`: unpins, drops a failed pair
-        self._error: TransportError | None = None
-        self._finished = False
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Blocks until the bytes landed, up to the read's own deadline or `timeout_s` from
-        now. TransportTimeout or TransportError: the pair was aborted (a timeout here ends the
-        read too) and dropped, the local region unpinned."""
-        if self._finished:
-            if self._error is not None:
-                raise self._error
-            return
-        deadline = self._deadline if timeout_s is None else time.monotonic() + positive(timeout_s)
-        try:
-            self._peer.wait_event(self.event, deadline, self._what)
-        except TransportError as exc:
-            self._error = exc
-            raise
-        finally:
-            self._finished = True
-            self._on_done(self._error is not None)
-
-
-def positive(timeout_s: float) -> float:
-    """`timeout_s` as a float; ValueError unless a positive finite number."""
-    if not isinstance(timeout_s, int | float) or not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    return float(timeout_s)
+class NcclRead(P2PRead):
+    """One posted NCCL read batch (see P2PRead)."""

@@ -1,12 +1,13 @@
-"""Owner side of the NCCL transport: the control listener and one serving thread per reader.
+"""Owner side of a collective-library transport: the control listener, a serving thread per reader.
 
-Lifecycle:
+Backend-neutral: the transport hands in a factory that makes its kind of pair (NcclPeer,
+HcclPeer) on the serving thread. Lifecycle:
 1. `ControlServer(...)` binds the listener and starts the accept thread;
 2. per reader connection a serving thread (rank 0 of the pair): Hello -> HelloOk, communicator
    init, warm-up; then read requests: each one's region is pinned and its ranges checked, the
    ranges are posted as sends on the pair's stream (after the region's ready event, if one was
    set) and Done goes back once they completed (Error when refused). The pair dies, and its
-   pins are released, on a closed socket, an NCCL error or a read past its deadline;
+   pins are released, on a closed socket, a library error or a read past its deadline;
 3. `stop()` closes the listener, aborts every pair and joins the threads.
 The serving threads never block the owner's caller: registering and staging go on meanwhile.
 """
@@ -20,12 +21,13 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pd_serve.kv.nccl_peer import NcclPeer
-from pd_serve.kv.nccl_regions import Regions
-from pd_serve.kv.nccl_wire import (
+from pd_serve.kv.p2p_peer import P2PPeer
+from pd_serve.kv.p2p_regions import Regions
+from pd_serve.kv.p2p_wire import (
     Done,
     Error,
     Hello,
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 class _Serving:
     read_id: int
     handle: int
-    event: Any  # torch.cuda.Event after the read's sends
+    event: Any  # the device event recorded after the read's sends
     deadline: float
 
 
@@ -52,10 +54,10 @@ class ControlServer:
     """The owner's listener and serving threads (see the module docstring)."""
 
     def __init__(self, regions: Regions, info: PeerInfo, bind: tuple[str, int],
-                 connect_timeout_s: float, max_serve_s: float) -> None:
-        import torch
-
-        self._torch = torch
+                 connect_timeout_s: float, max_serve_s: float,
+                 new_peer: Callable[[socket.socket, str], P2PPeer], backend: str) -> None:
+        self._new_peer = new_peer  # (socket, label) -> the owner's end, on the serving thread
+        self._backend = backend  # "NCCL": messages and thread names
         self._regions = regions
         self._info = info
         self._connect_timeout_s = connect_timeout_s
@@ -65,11 +67,11 @@ class ControlServer:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._peers: set[NcclPeer] = set()
-        self.accepted: queue.Queue[NcclPeer] = queue.Queue()  # pairs ready for raw transfers
+        self._peers: set[P2PPeer] = set()
+        self.accepted: queue.Queue[P2PPeer] = queue.Queue()  # pairs ready for raw transfers
         self.stall_s = 0.0  # tests: sleep this long before posting a read's sends
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
-                                          name=f"pd-nccl-accept-{self.port}")
+                                          name=f"pd-{backend.lower()}-accept-{self.port}")
         self._acceptor.start()
 
     @property
@@ -89,8 +91,8 @@ class ControlServer:
         for thread in threads:
             thread.join(timeout_s)
             if thread.is_alive():
-                log.warning("NCCL serving thread %s did not stop in %s s", thread.name,
-                            timeout_s)
+                log.warning("%s serving thread %s did not stop in %s s", self._backend,
+                            thread.name, timeout_s)
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -101,7 +103,7 @@ class ControlServer:
             except (OSError, ValueError):  # closed by stop()
                 return
             thread = threading.Thread(target=self._serve_conn, args=(sock, addr), daemon=True,
-                                      name=f"pd-nccl-serve-{addr[1]}")
+                                      name=f"pd-{self._backend.lower()}-serve-{addr[1]}")
             with self._lock:
                 if self._stop.is_set():
                     sock.close()
@@ -112,8 +114,7 @@ class ControlServer:
     def _serve_conn(self, sock: socket.socket, addr: Any) -> None:
         peer = None
         try:
-            self._torch.cuda.set_device(self._regions.device)
-            peer = NcclPeer(sock, 0, self._regions.device, f"reader at {addr[0]}:{addr[1]}")
+            peer = self._new_peer(sock, f"reader at {addr[0]}:{addr[1]}")
             with self._lock:
                 self._peers.add(peer)
             if self._stop.is_set():  # stop() may have missed it
@@ -122,9 +123,9 @@ class ControlServer:
             self.accepted.put(peer)
             self._serve(peer)
         except TransportError as exc:
-            log.info("NCCL serving ended: %s", exc)
+            log.info("%s serving ended: %s", self._backend, exc)
         except Exception:
-            log.exception("NCCL serving thread failed")
+            log.exception("%s serving thread failed", self._backend)
         finally:
             if peer is None:
                 sock.close()
@@ -133,14 +134,15 @@ class ControlServer:
                 with self._lock:
                     self._peers.discard(peer)
 
-    def _handshake(self, peer: NcclPeer) -> None:
+    def _handshake(self, peer: P2PPeer) -> None:
         deadline = time.monotonic() + self._connect_timeout_s
         hello: Hello = peer.expect(Hello, deadline, "the hello")
         peer.remote = hello.peer
         peer.label = (f"reader pid {hello.peer.pid} at {hello.peer.host} "
-                      f"(cuda:{hello.peer.device})")
+                      f"({peer.DEVICE_KIND}:{hello.peer.device})")
         if hello.peer.uuid and hello.peer.uuid == self._info.uuid:
-            why = f"reader and owner share GPU {self._info.uuid}; NCCL needs two devices"
+            why = (f"reader and owner share device {self._info.uuid}; {self._backend} needs two "
+                   f"devices")
             peer.send(Error(None, why))
             raise peer.fail(why)
         peer.send(HelloOk(self._info))
@@ -148,7 +150,7 @@ class ControlServer:
         peer.init_comm(hello.uid, deadline)
         peer.warm_up(deadline)
 
-    def _serve(self, peer: NcclPeer) -> None:
+    def _serve(self, peer: P2PPeer) -> None:
         pending: deque[_Serving] = deque()
         try:
             while not self._stop.is_set():
@@ -164,7 +166,7 @@ class ControlServer:
             for serving in pending:
                 self._regions.unpin(serving.handle)
 
-    def _start(self, peer: NcclPeer, req: ReadRequest, pending: deque[_Serving]) -> None:
+    def _start(self, peer: P2PPeer, req: ReadRequest, pending: deque[_Serving]) -> None:
         try:
             region = self._regions.pin(req.region)
         except TransportError as exc:
@@ -176,7 +178,7 @@ class ControlServer:
                 time.sleep(self.stall_s)
             deadline = time.monotonic() + min(req.timeout_ms / 1000, self._max_serve_s)
             if region.ready is not None:
-                peer.stream.wait_event(region.ready)
+                peer.wait_for(region.ready)
             event = peer.post(False, region.ptr, req.ranges[:, 0], req.ranges[:, 1], deadline)
         except WireError as exc:
             self._regions.unpin(req.region)
@@ -187,14 +189,14 @@ class ControlServer:
             raise
         pending.append(_Serving(req.read_id, req.region, event, deadline))
 
-    def _reap(self, peer: NcclPeer, pending: deque[_Serving]) -> None:
+    def _reap(self, peer: P2PPeer, pending: deque[_Serving]) -> None:
         while pending and pending[0].event.query():
             done = pending.popleft()
             self._regions.unpin(done.handle)
             peer.send(Done(done.read_id))
         if not pending:
             return
-        peer.comm_busy()  # raises (aborting the pair) on an asynchronous NCCL error
+        peer.comm_busy()  # raises (tearing the pair down) on an asynchronous library error
         head = pending[0]
         if time.monotonic() > head.deadline:
             why = f"serving read {head.read_id} to {peer.label} timed out"
