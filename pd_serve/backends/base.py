@@ -101,6 +101,15 @@ class ModelRunner(ABC):
         """Greedy tokens [num_seqs] int64 of one decode step (see `prefill_argmax`)."""
         return np.asarray(self.decode(batch)).argmax(-1).astype(np.int64)
 
+    supports_importance: bool = False  # whether `prefill_importance` is implemented
+
+    def prefill_importance(self, batch: PrefillBatch, last_q: int) -> list[np.ndarray]:
+        """Per-position importance of whole prompts already in the cache (each SeqChunk holds
+        all L prompt tokens from start_pos 0): the attention the last min(last_q, L) positions
+        pay to each position, summed over queries, heads and layers, normalised to sum 1;
+        one float32 [L] array per sequence (pd_serve.engine.refine). Reads the cache only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score prompt tokens")
+
     @abstractmethod
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:
         """Copies the first `num_tokens` tokens' K/V out of the cache as float32 on the host:

@@ -25,6 +25,7 @@ from pd_serve.backends.base import DecodeBatch, ModelRunner, PrefillBatch, SeqCh
 from pd_serve.config import CacheConfig, SchedulerConfig
 from pd_serve.engine.block_manager import BlockManager
 from pd_serve.engine.handoff import HandoffMixin, Reservation
+from pd_serve.engine.importance import check_importance, score_prompts
 from pd_serve.engine.output_text import OutputText
 from pd_serve.engine.outputs import FinishReason, RequestOutput
 from pd_serve.engine.request import Request
@@ -85,20 +86,24 @@ class LLMEngine(HandoffMixin):
     # ----- requests --------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, prefill_only: bool = False) -> None:
+                    params: SamplingParams, prefill_only: bool = False,
+                    importance_q: int = 0) -> None:
         """Queues a request; ValueError (naming the problem) if it can never be served.
-        `prefill_only` (prefill role): park it after its first token for a KV hand-off."""
+        `prefill_only` (prefill role): park it after its first token for a KV hand-off.
+        `importance_q` > 0 (P/D-Device refinement, see pd_serve.engine.importance): its first
+        output carries the prompt's importance scores, observed from its last q positions."""
         if self._id_in_use(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        check_importance(self._runner, importance_q)
         prompt = self._validate_prompt(prompt_token_ids)
         req = Request(
             request_id=request_id, prompt_token_ids=prompt, params=params,
             arrival_time=time.monotonic(),
             text=OutputText(self._tokenizer, params.stop, params.include_stop_str_in_output),
             generator=np.random.default_rng(params.seed) if params.seed is not None else None,
-            prefill_only=prefill_only)
+            prefill_only=prefill_only, importance_q=importance_q)
         self.scheduler.add(req)
         self._requests[request_id] = req
 
@@ -163,6 +168,7 @@ class LLMEngine(HandoffMixin):
             logits = np.asarray(self._runner.prefill(PrefillBatch(seqs)))  # [num_seqs, vocab]
         for sp in prefills:
             self.scheduler.on_computed(sp.request, sp.num_tokens)
+        score_prompts(self._runner, self.block_manager, done)
         if _all_greedy(done):
             return list(zip(done, (int(t) for t in tokens)))
         return self._sample(logits[rows], done)
@@ -209,11 +215,12 @@ class LLMEngine(HandoffMixin):
         return self._output(req, [token], req.text.take_delta(req.is_finished))
 
     def _output(self, req: Request, new_ids: list[int], delta: str) -> RequestOutput:
+        importance, req.prompt_importance = req.prompt_importance, None  # reported once
         return RequestOutput(
             request_id=req.request_id, new_token_ids=new_ids, text_delta=delta,
             text=req.text.text, finished=req.is_finished, finish_reason=req.finish_reason,
             prompt_tokens=req.num_prompt_tokens, completion_tokens=len(req.output_token_ids),
-            cached_tokens=req.num_cached_tokens)
+            cached_tokens=req.num_cached_tokens, prompt_importance=importance)
 
     # ----- helpers ---------------------------------------------------------------------------
 

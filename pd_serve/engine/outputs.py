@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
+
 
 class FinishReason(str, Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
@@ -33,3 +35,6 @@ class RequestOutput:
     # (finished False, finish_reason None); this engine reports nothing more for it unless it
     # is aborted while parked (then one ABORT output follows).
     handoff_ready: bool = False
+    # P/D-Device: the prompt's importance scores [prompt_tokens] float32 (pd_serve.engine.refine),
+    # on the first output of a request added with importance_q > 0; None otherwise.
+    prompt_importance: np.ndarray | None = None

@@ -51,6 +51,8 @@ class Request:
     prefill_len: int = 0  # tokens the current admission prefills (prompt + output so far)
     num_preemptions: int = 0
     prefill_only: bool = False  # prefill instance: park after the first token (hand-off)
+    importance_q: int = 0  # P/D-Device: > 0 scores the prompt after its prefill completes
+    prompt_importance: np.ndarray | None = None  # [num_prompt_tokens], until the next output
     # Owned and mutated by the BlockManager; read-only for everyone else.
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

@@ -1,5 +1,6 @@
 """The gateway's HTTP app: OpenAI-compatible /v1/completions and /v1/chat/completions (validated
-and prepared exactly as the aggregated server does, same error bodies), /v1/models; operator
+and prepared exactly as the aggregated server does, same error bodies), /v1/models, the
+P/D-Device assist /v1/device/assist (pd_serve.gateway.assist); operator
 routes /health, /stats (JSON metrics per scenario), /metrics (Prometheus) and
 /debug/requests/{id} (one request's timeline). Each request is routed by its scenario, forwarded
 to a prefill instance under the scenario's policy and relayed from decode.
@@ -41,6 +42,7 @@ from pd_serve.api.prepare import Limits, Prepared, prepare_chat, prepare_complet
 from pd_serve.api.protocol import ChatCompletionRequest, CompletionRequest
 from pd_serve.api.protocol import new_id as _new_id
 from pd_serve.config import ServeConfig
+from pd_serve.gateway.assist import assist_router
 from pd_serve.gateway.follow import MetaFollower
 from pd_serve.gateway.forward import Forwarder
 from pd_serve.gateway.metrics import GatewayMetrics
@@ -50,7 +52,7 @@ from pd_serve.gateway.remote_run import DEADLINE, admit_remote
 from pd_serve.gateway.samples import SampleLog
 from pd_serve.gateway.scenarios import Scenario, build_scenarios, scenario_of
 from pd_serve.gateway.timeline import CANCELLED, FAILED, TERMINATED, Timeline, TimelineRing
-from pd_serve.models.tokenizer import Tokenizer
+from pd_serve.models.tokenizer import Tokenizer, tokenizer_hash
 
 Shaper = Callable[[gen.Run], Awaitable[BaseModel]]
 Streamer = Callable[[gen.Run, bool], AsyncIterator[str]]
@@ -105,6 +107,7 @@ def build_gateway_app(cfg: ServeConfig, tok: Tokenizer, max_model_len: int,
     app = FastAPI(title="pd-serve gateway", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(_openai_router(gw, cfg.server.api_keys))
+    app.include_router(assist_router(gw, cfg.server.api_keys, tokenizer_hash(tok.model_dir)))
     app.include_router(operator_router(gw.fwd, gw.ring, gw.metrics, gw.samples))
     return app
 

@@ -5,7 +5,8 @@ Routes and bodies (instance side):
 * POST /internal/assign       AssignRequest -> {"role", "group", "decode_peers"} (another role:
                               drain, switch in place; another model_path: drain, reload)
 * POST /internal/release      -> {"role": null, "state"}: drain, stop the role, free the model
-* POST /internal/prefill      PrefillRequest -> 429 no_free_slot | queue_full | draining | SSE:
+* POST /internal/prefill      PrefillRequest -> 429 no_free_slot | queue_full | draining |
+                              400 refine_unsupported (refine on a backend that cannot) | SSE:
                               `first`, then `handoff` (or the stream ends after `first` when it
                               finished) | `error` (deadline_exceeded: never prefilled); a queued
                               request's stream stays silent until its prefill ran
@@ -71,12 +72,23 @@ class AssignRequest(_Msg):
     model_path: str | None = None  # another model directory: drain, reload, rejoin
 
 
+class RefineWire(BaseModel):
+    """P/D-Device prompt refinement (pd_serve.engine.refine): keep `ratio` of the prompt plus
+    the last `window` positions, ranked by the attention of the last `last_q` positions."""
+
+    model_config = ConfigDict(extra="forbid")
+    ratio: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    window: int = Field(default=32, ge=0)
+    last_q: int = Field(default=32, ge=1, le=1024)
+
+
 class PrefillRequest(_Msg):
     request_id: str = Field(min_length=1, max_length=200)
     prompt_token_ids: list[int] = Field(min_length=1)
     sampling: SamplingWire
     queue: bool = False  # wait in the instance's local FIFO instead of a 429 (baseline (a))
     deadline_s: float | None = Field(default=None, allow_inf_nan=False)  # TTFT budget left
+    refine: RefineWire | None = None  # P/D-Device: `first` then carries keep_indices
 
 
 class HandoffRequest(_Msg):
@@ -106,6 +118,7 @@ class FirstEvent(BaseModel):
     finished: bool
     finish_reason: str | None
     late: bool = False  # produced after the request's deadline_s ran out (an SLO failure)
+    keep_indices: list[int] | None = None  # sorted kept prompt positions, when refine was asked
 
 
 class HandoffEvent(BaseModel):

@@ -9,7 +9,8 @@ Lifecycle of one request (who frees what):
    (nothing allocated); an SSE body that only says `deadline_exceeded` (budget gone on arrival;
    nothing allocated); a slot now; or a place in the FIFO (`SlotQueue`), where the request
    waits silently for a freed slot and ends `deadline_exceeded` if its budget runs out first;
-2. `run()` streams `first` (`late` when the budget ran out during prefill); a finished request
+2. `run()` streams `first` (`late` when the budget ran out during prefill; with `refine`, the
+   kept prompt positions, scored by the engine right after the prefill); a finished request
    frees its blocks in the engine and the slot here;
 3. otherwise the parked request's blocks are staged into the slot's buffer (KVSender) and
    released in the engine at once (`release_handoff`); the buffer and slot stay held;
@@ -40,6 +41,7 @@ from pd_serve.api.errors import APIError
 from pd_serve.config import PDConfig
 from pd_serve.engine.async_engine import EngineError
 from pd_serve.engine.outputs import RequestOutput
+from pd_serve.engine.refine import keep_indices
 from pd_serve.instance.admission import (
     REJECTIONS,
     decide_offer,
@@ -119,6 +121,11 @@ class PrefillRole:
               arrived: float) -> tuple[AsyncIterator[str], Ticket]:
         """429 APIError, or the SSE body of the offered request (`arrived`: time.monotonic())
         and the Ticket the caller must `abandon()` once the response is over."""
+        if req.refine is not None and not self.rt.runner.supports_importance:
+            raise APIError(400, f"prompt refinement is unavailable: the "
+                           f"{type(self.rt.runner).__name__} backend cannot score prompt "
+                           f"tokens (send refine_ratio 1)", param="refine",
+                           code="refine_unsupported")
         deadline = None if req.deadline_s is None else arrived + req.deadline_s
         verdict = decide_offer(free_slots=self.slots.free, queued=self.queue.queued,
                                queue_max=self.queue.queue_max, wants_queue=req.queue,
@@ -164,8 +171,9 @@ class PrefillRole:
         rid, params = req.request_id, req.sampling.params()
         started = time.monotonic()
         prompt = list(req.prompt_token_ids)
-        outputs = self.rt.engine.stream(
-            rid, lambda e: e.add_request(rid, prompt, params, prefill_only=not self.aggregated))
+        last_q = req.refine.last_q if req.refine is not None else 0
+        outputs = self.rt.engine.stream(rid, lambda e: e.add_request(
+            rid, prompt, params, prefill_only=not self.aggregated, importance_q=last_q))
         parked = handed = False
         try:
             try:
@@ -176,7 +184,7 @@ class PrefillRole:
             self.events.prefill_seconds.observe(time.monotonic() - started)
             late = past_deadline(deadline, time.monotonic())
             self.late += late
-            yield sse("first", _first_event(first, late))
+            yield sse("first", _first_event(first, late, req))
             if first.finished:
                 return
             if self.aggregated:
@@ -310,9 +318,12 @@ class PrefillRole:
                 "kv_leak_check": leak}
 
 
-def _first_event(out: RequestOutput, late: bool) -> FirstEvent:
+def _first_event(out: RequestOutput, late: bool, req: PrefillRequest) -> FirstEvent:
+    keep = None
+    if req.refine is not None:  # the engine scored the prompt right after its prefill
+        keep = keep_indices(out.prompt_importance, req.refine.ratio, req.refine.window)
     return FirstEvent(token_id=out.new_token_ids[0], text=out.text_delta,
                       prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
                       finished=out.finished,
                       finish_reason=out.finish_reason.value if out.finish_reason else None,
-                      late=late)
+                      late=late, keep_indices=keep)

@@ -19,6 +19,7 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise ValueError(f"model directory {model_dir} has no tokenizer.json")
+        self.model_dir = model_dir
         self._tok = HFTokenizer.from_file(str(path))
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         cfg_path = model_dir / "tokenizer_config.json"

@@ -29,6 +29,7 @@ import torch
 from pd_serve.backends.base import DecodeBatch, ModelRunner, PrefillBatch, RunnerConfig
 from pd_serve.backends.inputs import PackedBatch, attention_mask, pack_decode, pack_prefill
 from pd_serve.backends.torch.fast_path import FastPath, token_slots
+from pd_serve.backends.torch.importance import prompt_importance
 from pd_serve.backends.torch.kernels import load_pd_kernels
 from pd_serve.backends.torch.model import ForwardInputs, TorchDecoder, weight_fetch
 from pd_serve.backends.torch.options import TorchOptions
@@ -137,6 +138,14 @@ class TorchRunner(ModelRunner):
         self._check_prefill(batch)
         logits = self.fast.prefill(batch.seqs, all_rows=False)  # [num_seqs, vocab]
         return logits.argmax(-1).cpu().numpy()
+
+    supports_importance = True
+
+    @_on_device
+    def prefill_importance(self, batch: PrefillBatch, last_q: int) -> list[np.ndarray]:
+        self._check_prefill(batch)
+        return [prompt_importance(self.model, self.kv_cache, s, last_q, self.block_size)
+                for s in batch.seqs]
 
     @_on_device
     def decode(self, batch: DecodeBatch) -> np.ndarray:
