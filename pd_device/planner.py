@@ -5,7 +5,8 @@ also usable by the simulator).
 Timing model (seconds from the moment the user submits; P = the band's upper prompt length,
 which is the worst case because every profile curve is nondecreasing in tokens):
 * the first token reaches the device at T1 = rtt + request bytes / bandwidth + cloud TTFT(P);
-* the refined prompt (K = min(P, ceil(rho P) + W) kept positions) arrives with it, its indices
+* the refined prompt (K = min(P, max(ceil(rho P), W)) kept positions, the cloud's rule in
+  pd_serve.engine.refine) arrives with it, its indices
   taking Tr = K * index bytes / bandwidth; cloud tokens then arrive every
   c = max(cloud TPOT, token event bytes / bandwidth);
 * the controller shows cloud token k (1..N) at T1 + k * pace (pace >= c, so it never runs dry);
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 from pd_device.profiles import DeviceProfile, Profiles, finite_number
 from pd_device.settings import Settings
+from pd_serve.engine.refine import keep_count
 
 DEFAULT_RHOS = tuple(round(0.05 * i, 2) for i in range(2, 21))  # 0.10, 0.15, ..., 1.00
 DEFAULT_PACES_S = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125,
@@ -122,9 +124,8 @@ class Plan:
 
 
 def kept_tokens(prompt_len: int, rho: float, window: int) -> int:
-    """K: prompt tokens the device prefills after refinement (an upper bound of the cloud's
-    rule: a share rho of the prompt plus the last `window` tokens)."""
-    return prompt_len if rho >= 1.0 else min(prompt_len, math.ceil(rho * prompt_len) + window)
+    """K: prompt tokens the device prefills after refinement (the cloud's keep rule)."""
+    return keep_count(prompt_len, rho, window)
 
 
 def _transfer_s(nbytes: float, bandwidth_bps: float) -> float:

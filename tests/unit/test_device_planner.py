@@ -5,6 +5,7 @@ with reasons, purity, simulator-style inputs, and profile validation and JSON ro
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def displayed_gaps(cls: RequestClass, prof: Profiles, grid: Grid, p: Plan,
     t1 = (cls.rtt_s + (grid.request_bytes + hi * grid.bytes_per_prompt_token) * bits
           + prof.cloud.ttft(hi))
     c = max(prof.cloud.tpot_s, grid.token_event_bytes * bits)
-    k = hi if s.rho >= 1.0 else min(hi, math.ceil(s.rho * hi) + grid.refine_window)
+    k = min(hi, max(math.ceil(Fraction(s.rho) * hi), grid.refine_window))
     ready = (t1 + k * grid.bytes_per_index * bits
              + cls.device_speed.prefill_s(k + s.n_cloud + 1) + grid.margin_s)
     shown = [t1]
@@ -225,7 +226,7 @@ def test_worked_example() -> None:
     s = p.settings
     assert s.mode == "pd_device" and s.rho == 0.5 and s.pace_s == 0.05 and p.feasible
     k = kept_tokens(1024, 0.5, 32)
-    assert k == 544
+    assert k == 512
     # catch-up Tr + D(K + N + 1) must fit into N * pace + max TPOT with the fewest N
     assert s.n_cloud == math.ceil((0.02 + 0.001 * (k + 1) + 544 * 48 / 1e8 - 0.05)
                                   / (0.05 - 0.001))
