@@ -2,8 +2,8 @@
 decode; torch backend, demo model): the event order of the protocol, N bounds the cloud tokens
 exactly, a stop ends early, handshake mismatches are 409s, greedy with rho = 1 gives the first
 1 + N tokens of cloud-only serving, rho < 1 returns the rule's number of indices without
-changing the tokens, and closing the stream early frees everything. Every test ends with leak
-checks on both instances."""
+changing the tokens (MindSpore, slow: the same as torch), and closing the stream early frees
+everything. Every test ends with leak checks on both instances."""
 
 from __future__ import annotations
 
@@ -203,3 +203,25 @@ def test_closing_the_stream_early_frees_everything(url: str, cluster: PDCluster)
     tl = httpx.get(f"{cluster.frontend.url}/debug/requests/{rid}", timeout=10).json()
     assert tl["outcome"] == "cancelled" and tl["tokens"][-1]["completion_tokens"] < 1500
     assert decode.stats()["engine"]["caller_aborts"] == aborts + 1
+
+
+@pytest.mark.slow
+def test_mindspore_cloud_refines_like_torch(url: str, tmp_path_factory: pytest.TempPathFactory
+                                            ) -> None:
+    c = PDCluster(tmp_path_factory.mktemp("assist-ms"), "mindspore", threads=1)
+    try:
+        c.start()
+        assert c.frontend is not None
+        data = body(LONG, 8, rho=0.4, window=8, ignore_eos=True)
+        ms, ref = assist(c.frontend.url + ASSIST_PATH, data), assist(url, data)
+        assert tokens(ms) == tokens(ref)
+        keep_ms, keep_ref = (next(d["keep_indices"] for e, d in ev if e == "refined")
+                             for ev in (ms, ref))
+        assert len(keep_ms) == len(keep_ref) == math.ceil(0.4 * len(LONG))
+        assert len(set(keep_ms) & set(keep_ref)) >= 0.95 * len(keep_ref)  # near-ties may swap
+        check_clean(c)
+    except Exception:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()

@@ -16,7 +16,8 @@ common buckets up front and `compiled_shapes` records every bucket seen.
 
 Lifecycle: 1. the constructor configures the process once (device, host threads), loads
 weights and zeroes the KV cache; 2. `warmup()` optionally compiles buckets; 3. `prefill` /
-`decode` / `read_kv` / `write_kv` any number of times; 4. `close()` drops the cells.
+`decode` / `read_kv` / `write_kv` / `prefill_importance` (eager, `importance.py`) any number
+of times; 4. `close()` drops the cells.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pd_serve.backends.inputs import (
     shape_bucket,
 )
 from pd_serve.backends.mindspore.attention import ASCEND_FUSED, select_attention
+from pd_serve.backends.mindspore.importance import prompt_importance
 from pd_serve.backends.mindspore.model import CacheSpec, DecoderModel
 from pd_serve.models.checkpoint import load_weights
 from pd_serve.models.config import ModelConfig
@@ -116,6 +118,12 @@ class MindSporeRunner(ModelRunner):
             logits = self._run(packed, rows).reshape(packed.token_ids.shape + (-1,))
             return [logits[i, :len(s.token_ids)] for i, s in enumerate(batch.seqs)]
         return self._run(packed, self._last_rows(packed))[:n]
+
+    supports_importance = True
+
+    def prefill_importance(self, batch: PrefillBatch, last_q: int) -> list[np.ndarray]:
+        return [prompt_importance(self.model, s, self._slots(s.block_table, len(s.token_ids)),
+                                  last_q) for s in batch.seqs]
 
     def decode(self, batch: DecodeBatch) -> np.ndarray:
         n = len(batch.token_ids)  # pack_decode checks the batch's lengths agree
