@@ -82,7 +82,9 @@ class Targets:
 class Grid:
     """The search space and the link model's message sizes (bytes): candidate rhos (must
     include 1.0), paces (max TPOT itself is always a candidate), N <= n_max, the refine window
-    W, and a safety margin added to the device's catch-up time (chunked prefill overhead)."""
+    W, a safety margin added to the device's catch-up time (chunked prefill overhead), and
+    whether device-only may be chosen when it meets the targets (False: P/D-Device whenever
+    it is feasible, e.g. to evaluate it; device-only stays the fallback for a slow cloud)."""
 
     rhos: tuple[float, ...] = DEFAULT_RHOS
     paces_s: tuple[float, ...] = DEFAULT_PACES_S
@@ -93,6 +95,7 @@ class Grid:
     bytes_per_prompt_token: float = 6.0  # one id in a JSON list
     bytes_per_index: float = 6.0  # one keep index in the `refined` event
     token_event_bytes: float = 120.0  # one SSE `token` event
+    allow_device_only: bool = True
 
     def __post_init__(self) -> None:
         if 1.0 not in self.rhos or any(not 0.0 < r <= 1.0 for r in self.rhos):
@@ -182,7 +185,8 @@ def explain(cls: RequestClass, profiles: Profiles, targets: Targets,
     p = cls.prompt_len_band[1]
     t1 = cloud_first_s(cls, profiles, grid)
     dev_ttft = dev.prefill_s(p)
-    if dev_ttft <= targets.ttft_s and dev.decode_step_s <= targets.max_tpot_s:
+    if grid.allow_device_only and dev_ttft <= targets.ttft_s and \
+            dev.decode_step_s <= targets.max_tpot_s:
         return _device_only(dev, f"device alone meets the targets (TTFT {dev_ttft:.3f} s <= "
                                  f"{targets.ttft_s:.3f} s): no cloud needed", True, dev_ttft)
     found = _search(cls, profiles, targets, grid)

@@ -79,7 +79,8 @@ small_grids = st.builds(
         lambda s: tuple(sorted(s | {1.0}))),
     paces_s=st.sets(st.sampled_from([0.01, 0.02, 0.05, 0.1, 0.2]), min_size=1, max_size=3).map(
         lambda s: tuple(sorted(s))),
-    n_max=st.integers(0, 150), margin_s=st.sampled_from([0.0, 0.01]))
+    n_max=st.integers(0, 150), margin_s=st.sampled_from([0.0, 0.01]),
+    allow_device_only=st.sampled_from([True, True, False]))
 
 
 @st.composite
@@ -139,12 +140,13 @@ def test_feasible_plans_meet_every_target(data: st.DataObject) -> None:
 
 
 def brute_force(cls: RequestClass, prof: Profiles, tg: Targets,
-                grid: Grid) -> tuple[float, int, float, float] | None:
-    """Smallest (occupancy, N, -rho, pace) over every grid point, device-only first."""
+                grid: Grid) -> str | tuple[float, int, float, float] | None:
+    """"device_only" when allowed and it meets the targets, else the smallest (occupancy, N,
+    -rho, pace) over every grid point, None when nothing is feasible."""
     hi = cls.prompt_len_band[1]
-    if cls.device_speed.prefill_s(hi) <= tg.ttft_s and cls.device_speed.decode_step_s <= \
-            tg.max_tpot_s:
-        return (0.0, 0, -1.0, 0.0)
+    if grid.allow_device_only and cls.device_speed.prefill_s(hi) <= tg.ttft_s and \
+            cls.device_speed.decode_step_s <= tg.max_tpot_s:
+        return "device_only"
     best = None
     for n in range(grid.n_max + 1):
         for rho in grid.rhos:
@@ -165,7 +167,7 @@ def test_plan_is_optimal_against_brute_force(data: st.DataObject) -> None:
     if best is None:
         assert s.mode in ("device_only", "cloud_only") and p.reason
         assert s.mode == "cloud_only" or not p.feasible
-    elif best[0] == 0.0:
+    elif best == "device_only":
         assert s.mode == "device_only" and p.feasible and p.occupancy_s == 0.0
     else:
         assert s.mode == "pd_device" and p.feasible
@@ -237,6 +239,12 @@ def test_short_prompt_runs_on_the_device() -> None:
     cls = RequestClass((8, 64), 0.05, 1e8, PROF.device)
     p = explain(cls, PROF, Targets(0.3, 0.05, 0.9))
     assert p.settings.mode == "device_only" and p.occupancy_s == 0.0 and "device alone" in p.reason
+
+
+def test_device_only_can_be_excluded() -> None:
+    cls = RequestClass((8, 64), 0.05, 1e8, PROF.device)
+    p = explain(cls, PROF, Targets(0.3, 0.05, 0.9), Grid(allow_device_only=False))
+    assert p.settings.mode == "pd_device" and p.feasible and p.occupancy_s > 0.0
 
 
 def test_slow_cloud_falls_back_to_device_with_reason() -> None:
