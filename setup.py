@@ -6,8 +6,11 @@ package under its install name once kernels/ exists). Build steps for the librar
 2. build the `cann_ext` target;
 3. copy libcann_ext.so to pd_serve/kv/_lib/ inside build_lib (wheel) and, for `pip install -e`,
    into the source tree, where pd_serve.kv.cann_ext looks for it.
-Environment: CANN_EXT_WITH_NCCL=1 / CANN_EXT_WITH_HCCL=1 turn the backend options on; CMAKE_ARGS
-adds raw CMake arguments.
+Environment: CANN_EXT_WITH_NCCL is accepted and ignored (NCCL is always built);
+CANN_EXT_WITH_HCCL=1 requires the HCCL backend (the build fails without CANN's headers), =0 leaves
+it out, unset builds it where the headers are found (CMake's AUTO); CANN_EXT_HCCL_INCLUDE names the
+header folders (default: build/cann_headers from tools/fetch_cann_headers.py); CMAKE_ARGS adds raw
+CMake arguments.
 """
 
 from __future__ import annotations
@@ -59,8 +62,12 @@ class CMakeBuild(build_ext):
         config = "Debug" if self.debug else "Release"
         configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={config}"]
         for backend in ("NCCL", "HCCL"):
-            on = os.environ.get(f"CANN_EXT_WITH_{backend}", "0") not in ("", "0", "OFF", "off")
-            configure.append(f"-DCANN_EXT_WITH_{backend}={'ON' if on else 'OFF'}")
+            # Always passed, so a value cached by an earlier configure never lingers.
+            value = os.environ.get(f"CANN_EXT_WITH_{backend}")
+            on = value not in ("", "0", "OFF", "off")
+            configure.append(f"-DCANN_EXT_WITH_{backend}="
+                             f"{'AUTO' if value is None else 'ON' if on else 'OFF'}")
+        configure.append(f"-DCANN_EXT_HCCL_INCLUDE={os.environ.get('CANN_EXT_HCCL_INCLUDE', '')}")
         configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 1)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 HANDOFF_MODES = ("bulk", "per_layer", "block_fixed")
-TRANSPORTS = ("tcp", "nccl")
+TRANSPORTS = ("tcp", "nccl", "hccl")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class PDConfig:
     handoff_mode: str = "bulk"  # bulk | per_layer | block_fixed
     transport_host: str = "127.0.0.1"  # where the KV transport binds
     transport: str = "tcp"  # tcp: host buffers over cann_ext TCP | nccl: GPU buffers over NCCL
+    #                         | hccl: NPU buffers over HCCL (docs/operations.md section 5)
     device_checksum: str = "i32sum"  # nccl only: per-layer i32sum on the GPU, or none
     handoff_timeout_s: float = 60.0  # prefill frees a slot decode never confirmed
     fetch_timeout_s: float = 30.0  # decode gives up on one KV transfer

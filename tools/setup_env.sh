@@ -17,8 +17,10 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 
 stamp=.venv/.pd-serve-build-stamp
-want=$(cat pyproject.toml setup.py CMakeLists.txt cann_ext/include/*.h cann_ext/src/* \
-       | sha256sum | cut -d' ' -f1)
+# Fetched CANN headers and CANN_EXT_WITH_HCCL change what CMake builds (the HCCL backend).
+want=$( { cat pyproject.toml setup.py CMakeLists.txt cann_ext/include/*.h cann_ext/src/*
+          cat build/cann_headers/SOURCE.json 2>/dev/null || true
+          echo "hccl=${CANN_EXT_WITH_HCCL-unset}"; } | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f pd_serve/kv/_lib/libcann_ext.so ]]; then
   exit 0
 fi

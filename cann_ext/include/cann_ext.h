@@ -14,7 +14,13 @@
  *     2-rank communicators and grouped sends/receives of CUDA device memory, driven by
  *     pd_serve/kv/nccl*.py, which adds the control plane and the one-sided READ semantics.
  *     It is not (yet) behind cx_endpoint_create, which answers CX_ERR_UNSUPPORTED for
- *     CX_BACKEND_NCCL; HCCL is an option whose source is not written yet.
+ *     CX_BACKEND_NCCL.
+ *   - the HCCL backend as thin cx_hccl_* calls, built where CANN's headers are found (CMake
+ *     option CANN_EXT_WITH_HCCL; libascendcl and libhccl loaded at run time): 2-rank
+ *     communicators from a root info, HcclSend / HcclRecv / HcclBatchSendRecv of Ascend device
+ *     memory on an aclrtStream, ACL streams and events for completion, driven by
+ *     pd_serve/kv/hccl*.py. Not behind cx_endpoint_create either (CX_BACKEND_HCCL answers
+ *     CX_ERR_UNSUPPORTED there). A build without it lacks the cx_hccl_* symbols.
  *
  * Host TCP in brief (wire format in src/wire.h): cx_endpoint_conn_id listens on
  * config.bind_address and returns "cx-tcp/1 <ip> <port> <nonce>"; each endpoint has an
@@ -143,7 +149,7 @@ CX_API const char *cx_status_string(cx_status status);
 /* Detail of the calling thread's last failure ("" if none); valid until its next cx_ call. */
 CX_API const char *cx_last_error(void);
 /* 1 if transfers of this backend work here, else 0 (host TCP: always 1; NCCL: once
- * cx_nccl_load succeeded). */
+ * cx_nccl_load succeeded; HCCL: once cx_hccl_load succeeded, never in a build without it). */
 CX_API int cx_backend_available(cx_backend backend);
 
 /* ---- endpoint ---- */
@@ -265,6 +271,70 @@ CX_API cx_status cx_nccl_recv(void *comm, void *buf, uint64_t bytes, int peer, v
 CX_API cx_status cx_nccl_post(void *comm, int is_recv, uint64_t base, const uint64_t *offsets,
                               const uint64_t *lengths, size_t n, int peer, void *stream,
                               int *in_progress);
+
+/* ---- HCCL backend (built where CANN's headers were found; libraries loaded at run time) ----
+ *
+ * cx_hccl_load finds libascendcl then libhccl: the given path, else $PD_SERVE_ACL_LIB /
+ * $PD_SERVE_HCCL_LIB when set (only that file), else libascendcl.so / libhccl.so on the loader's
+ * search path (CANN's set_env.sh puts its lib64 there); it then calls aclInit(NULL), accepting a
+ * framework's earlier initialisation. Calls before a successful load return CX_ERR_UNSUPPORTED.
+ *
+ * `comm` is a record of cann_ext (not an HcclComm), `stream` an aclrtStream and `event` an
+ * aclrtEvent, all as void * (none may be NULL). Each call that touches a device first makes
+ * `device` (the communicator's, for transfers) current on the calling thread. Data moves as
+ * HCCL_DATA_TYPE_UINT8, so counts are bytes. HCCL failures carry HcclResult, its meaning,
+ * HcclGetErrorString and aclGetRecentErrMsg in cx_last_error(), mapped to a cx_status:
+ * HCCL_E_PARA/PTR -> CX_ERR_INVALID_ARG, MEMORY/OOM -> CX_ERR_NO_MEMORY, NOT_SUPPORT ->
+ * CX_ERR_UNSUPPORTED, NOT_FOUND -> CX_ERR_NOT_FOUND, TIMEOUT -> CX_ERR_TIMEOUT, TCP/RoCE
+ * connect/transfer, NETWORK, REMOTE -> CX_ERR_CONNECTION, AGAIN/SUSPENDING -> CX_ERR_BUSY, the
+ * rest CX_ERR_BACKEND. Like HCCL itself, a communicator is used by one thread at a time.
+ */
+
+/* Loads libascendcl and libhccl once per process; CX_ERR_NOT_FOUND naming every file tried. */
+CX_API cx_status cx_hccl_load(const char *acl_path, const char *hccl_path);
+CX_API cx_status cx_hccl_device_count(uint32_t *count);
+/* The device's 16-byte UUID (aclrtDeviceGetUuid; CX_ERR_UNSUPPORTED on CANN without it). */
+CX_API cx_status cx_hccl_device_uuid(int32_t device, void *out, size_t cap, size_t *len);
+/* HcclGetRootInfo on `device` (this process becomes the root, so it joins as rank 0); writes
+ * sizeof(HcclRootInfo) (4108) bytes. */
+CX_API cx_status cx_hccl_get_root_info(int32_t device, void *out, size_t cap, size_t *len);
+/* Starts HcclCommInitRootInfo(nranks, root_info, rank) on `device` on a thread of its own and
+ * returns at once; poll cx_hccl_comm_poll until *in_progress is 0. Inits (and destroys) are
+ * serialised per device (HCCL's rule); HCCL_CONNECT_TIMEOUT bounds a join nobody answers. */
+CX_API cx_status cx_hccl_comm_init(const void *root_info, size_t len, uint32_t nranks,
+                                   uint32_t rank, int32_t device, void **comm);
+/* CX_OK with *in_progress 1 while joining, 0 once ready (then HcclGetCommAsyncError is
+ * checked); the init's or the communicator's error otherwise. */
+CX_API cx_status cx_hccl_comm_poll(void *comm, int *in_progress);
+/* Frees the communicator (HcclCommDestroy): on this thread with wait = 1, on a detached thread
+ * with wait = 0 (never blocks on a vanished peer). Also valid while joining. */
+CX_API cx_status cx_hccl_comm_destroy(void *comm, int wait);
+/* One HcclSend / HcclRecv of `bytes` bytes with rank `peer`, enqueued on `stream`. HCCL pairs
+ * them strictly: the peer must post the matching call before either side posts the next. */
+CX_API cx_status cx_hccl_send(void *comm, const void *buf, uint64_t bytes, uint32_t peer,
+                              void *stream);
+CX_API cx_status cx_hccl_recv(void *comm, void *buf, uint64_t bytes, uint32_t peer,
+                              void *stream);
+/* One HcclBatchSendRecv of n items, all sends (is_recv 0) or all receives (1), of the ranges
+ * base + offsets[i], lengths[i] (bytes, each > 0), in order, with rank `peer` on `stream`.
+ * Ranges are checked only for emptiness and overflow: the caller checks them against its
+ * buffers. n < 2^32. */
+CX_API cx_status cx_hccl_post(void *comm, int is_recv, uint64_t base, const uint64_t *offsets,
+                              const uint64_t *lengths, size_t n, uint32_t peer, void *stream);
+CX_API cx_status cx_hccl_stream_create(int32_t device, void **stream);
+CX_API cx_status cx_hccl_stream_destroy(int32_t device, void *stream);
+/* Blocks until the stream's work finished or timeout_ms passed (CX_ERR_TIMEOUT). */
+CX_API cx_status cx_hccl_stream_sync(int32_t device, void *stream, uint32_t timeout_ms);
+/* Work enqueued on `stream` after this waits for `event` (aclrtStreamWaitEvent). */
+CX_API cx_status cx_hccl_stream_wait_event(int32_t device, void *stream, void *event);
+CX_API cx_status cx_hccl_event_create(int32_t device, void **event);
+CX_API cx_status cx_hccl_event_record(int32_t device, void *event, void *stream);
+/* Non-blocking: *done = 1 once the work before the event's record completed. */
+CX_API cx_status cx_hccl_event_query(int32_t device, void *event, int *done);
+CX_API cx_status cx_hccl_event_destroy(int32_t device, void *event);
+/* Device memory (aclrtMalloc, huge pages first), e.g. for a pair's warm-up bytes. */
+CX_API cx_status cx_hccl_malloc(int32_t device, uint64_t bytes, void **ptr);
+CX_API cx_status cx_hccl_free(int32_t device, void *ptr);
 
 #ifdef __cplusplus
 }

@@ -149,6 +149,10 @@ int cx_grow(void **items, size_t *cap, size_t need, size_t size);
 /* 1 once cx_nccl_load succeeded in this process (cx_backend_available). */
 int cx_nccl_is_loaded(void);
 
+/* ---- backend_hccl.cc (C++; only in a build with CX_WITH_HCCL) ---- */
+/* 1 once cx_hccl_load succeeded in this process (cx_backend_available). */
+int cx_hccl_is_loaded(void);
+
 /* ---- endpoint.c (ep->mu held) ---- */
 registration *cx_reg_find(cx_endpoint *ep, cx_mem_handle handle);
 /* Checks [offset, offset + length) against a live registration; sets the detail on failure. */

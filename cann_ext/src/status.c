@@ -46,6 +46,11 @@ cx_status cx_ok(void) {
 }
 
 int cx_backend_available(cx_backend backend) {
+#ifdef CX_WITH_HCCL
+    if (backend == CX_BACKEND_HCCL) {
+        return cx_hccl_is_loaded();
+    }
+#endif
     return backend == CX_BACKEND_HOST_TCP || (backend == CX_BACKEND_NCCL && cx_nccl_is_loaded());
 }
 

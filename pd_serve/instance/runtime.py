@@ -111,14 +111,19 @@ class Runtime:
 # -- the pd_serve.kv boundary ------------------------------------------------------------------
 
 def make_transport(cfg: ServeConfig) -> Any:
-    """cann_ext host TCP (host buffers), or NCCL between GPUs (device buffers)."""
+    """cann_ext host TCP (host buffers), NCCL between GPUs or HCCL between NPUs (device
+    buffers). NCCL/HCCL where the library is missing: TransportError saying what is missing."""
+    index = cfg.model.device.partition(":")[2]
+    device = int(index) if index.isdigit() else 0
     if cfg.pd.transport == "nccl":
         from pd_serve.kv.nccl import NcclTransport
         from pd_serve.kv.nccl_config import NcclConfig
 
-        index = cfg.model.device.partition(":")[2]
-        return NcclTransport(NcclConfig(device=int(index) if index.isdigit() else 0,
-                                        bind_host=cfg.pd.transport_host))
+        return NcclTransport(NcclConfig(device=device, bind_host=cfg.pd.transport_host))
+    if cfg.pd.transport == "hccl":
+        from pd_serve.kv.hccl import HcclConfig, HcclTransport
+
+        return HcclTransport(HcclConfig(device=device, bind_host=cfg.pd.transport_host))
     from pd_serve.kv.transport import CannExtTransport
 
     return CannExtTransport(f"{cfg.pd.transport_host}:0")
@@ -130,6 +135,9 @@ def _kv_side(cfg: ServeConfig, runner: ModelRunner, max_tokens: int) -> tuple[An
     from pd_serve.kv.buffers import DeviceBuffers, HostBuffers
     from pd_serve.kv.layout import KVLayout
 
+    if cfg.pd.transport == "hccl":
+        raise ValueError("pd.transport hccl needs hand-off buffers in NPU memory, which no model "
+                         "runner provides yet: use pd.transport tcp on Ascend for now")
     if cfg.pd.transport != "nccl":
         return KVLayout.for_model(runner.model_config, max_tokens), HostBuffers()
     if cfg.model.backend != "torch" or not cfg.model.device.startswith("cuda"):

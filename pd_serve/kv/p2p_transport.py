@@ -163,7 +163,12 @@ class P2PTransport(Transport):
             raise TransportTimeout(f"connecting to {owner.host}:{owner.port} timed out") from exc
         except OSError as exc:
             raise TransportError(f"cannot connect to {owner.host}:{owner.port}: {exc}") from exc
-        peer = self._reader_peer(sock, f"owner pid {owner.peer.pid} at {owner.host}:{owner.port}")
+        try:
+            peer = self._reader_peer(sock, f"owner pid {owner.peer.pid} at "
+                                           f"{owner.host}:{owner.port}")
+        except BaseException:
+            sock.close()
+            raise
         try:
             self._join(peer, owner, deadline, timeout_s)
         except BaseException:
