@@ -1,0 +1,284 @@
+"""P/D-Device evaluation: TTFT, the TPOT the user sees, cloud occupancy and quality vs rho of
+P/D-Device against device-only and cloud-only serving, all measured in the same run on
+prompt/output lengths from real traces (ShareGPT and arXiv) scaled to the demo model.
+
+Phases (one at a time, never overlapping, so the device and the cloud share the host only
+when a mode itself needs both):
+1. workload: `--requests` per trace, lengths scaled to the context (policy quantile, outputs
+   capped at `--max-output`), prompts cut from held-out corpus text;
+2. profiles (`--profiles`, or measured now with tools/profile_device.py's functions) and the
+   settings planner per request (class = its prompt length, loopback link), unless `--n-cloud`
+   / `--rho` fix the settings;
+3. serving: every request in the three modes through pd_device.DeviceRuntime (device backend
+   thread-limited; mode order rotated per request): TTFT and gaps between displayed tokens;
+4. cloud occupancy, two ways: the cloud busy time per request (send -> `end` event of a greedy
+   assist request doing exactly that mode's cloud work: cloud-only N = G - 1, rho = 1;
+   P/D-Device the N it used and its rho), one request at a time; and the requests/s the cloud
+   (1 prefill + 1 decode instance behind one gateway) sustains with `--concurrency`
+   closed-loop clients doing that work (requests planned device-only take no cloud work);
+5. quality vs rho (tools/bench_device_lib.QUALITY_DEFINITION) on the workload's prompts.
+
+    python tools/bench_device.py --start-cloud --out results/device_eval.json   # CPU here
+    python tools/bench_device.py --quick --start-cloud                          # smoke
+    python tools/bench_device.py --start-cloud --cloud-device cuda:0 ...        # GPU cloud
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_device_lib import (  # noqa: E402
+    DEFAULT_CORPUS,
+    DEFAULT_TRACES,
+    REPO,
+    AssistClient,
+    LocalCloud,
+    WorkItem,
+    build_workload,
+    held_out_tokens,
+    measure_quality,
+)
+from bench_device_report import finish  # noqa: E402
+
+from pd_device.planner import Grid, Plan, RequestClass, Targets, explain  # noqa: E402
+from pd_device.profiles import Profiles  # noqa: E402
+from pd_device.settings import Settings  # noqa: E402
+
+MODES = ("cloud_only", "device_only", "pd_device")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--model", type=Path, default=REPO / "models" / "shakespeare-llama")
+    a("--traces", nargs="+", default=[f"{k}={v}" for k, v in DEFAULT_TRACES.items()],
+      help="NAME=PATH of length CSVs (pd_serve.bench.trace_formats 'lengths')")
+    a("--corpus", type=Path, default=DEFAULT_CORPUS)
+    a("--requests", type=int, default=8, help="requests per trace")
+    a("--max-model-len", type=int, default=2048)
+    a("--max-output", type=int, default=128)
+    a("--seed", type=int, default=0)
+    a("--device-backend", default="mindspore")
+    a("--device-threads", type=int, default=1)
+    a("--device-slowdown", type=float, default=1.0, help="DeviceConfig.slowdown")
+    a("--cloud-url", default=None, help="a running gateway (else --start-cloud)")
+    a("--start-cloud", action="store_true", help="start gateway + prefill + decode here")
+    a("--cloud-backend", default="torch")
+    a("--cloud-device", default="cpu")
+    a("--cloud-threads", type=int, default=1)
+    a("--profiles", type=Path, default=None, help="tools/profile_device.py output")
+    a("--ttft-target", type=float, default=0.5)
+    a("--max-tpot", type=float, default=0.1)
+    a("--quality-floor", type=float, default=0.8)
+    a("--plan-margin", type=float, default=0.02, help="Grid.margin_s (chunked prefill)")
+    a("--planner-device-only", action="store_true",
+      help="let the planner send requests device-only in the P/D-Device slot")
+    a("--n-cloud", type=int, default=None, help="fixed N instead of the planner's")
+    a("--rho", type=float, default=None, help="fixed rho instead of the planner's")
+    a("--pace", type=float, default=None, help="fixed pace (s) instead of the planner's")
+    a("--concurrency", type=int, default=4)
+    a("--rhos", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75])
+    a("--quality-requests", type=int, default=8)
+    a("--quality-output", type=int, default=32)
+    a("--no-warmup-pass", action="store_true", help="skip the unrecorded warm-up pass")
+    a("--quick", action="store_true", help="1 request per trace, short outputs, few rhos")
+    a("--out", type=Path, default=None)
+    a("--plot", type=Path, default=None, help="PNG (default: --out with .png)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests, args.max_output, args.max_model_len = 1, 24, 512
+        args.rhos, args.quality_requests, args.quality_output = [0.5], 2, 16
+        args.concurrency = 2
+    if args.out is None:
+        args.out = Path(os.environ.get("OUT", "results")) / "device_eval.json"
+    return args
+
+
+def measured_profiles(args: argparse.Namespace, client: AssistClient,
+                      text: list[int] | None) -> Profiles:
+    """Profiles measured now (device in this process, with the runtime's backend and threads;
+    quality on two corpus prompts), as tools/profile_device.py measures them."""
+    from profile_device import measure_cloud, measure_device, profiles_of
+
+    lengths = [n for n in (16, 64, 256, 512, 1024, 2048) if n <= args.max_model_len]
+    dev = measure_device(args.model, args.device_backend, args.device_threads, lengths,
+                         [min(256, args.max_model_len // 2)], 8, 2)
+    cloud = measure_cloud(client, lengths, 8, 0.5, 2)
+    quality = None
+    if text is not None:
+        runner = scorer(args)
+        prompts = [text[:256], text[len(text) // 2:len(text) // 2 + 256]]
+        quality = measure_quality(runner, client, prompts, args.rhos, 16)
+        runner.close()
+    return profiles_of(dev, cloud, quality, args.device_slowdown, {"measured": "in the run"})
+
+
+def scorer(args: argparse.Namespace) -> Any:
+    from pd_serve.backends import create_runner
+    from pd_serve.backends.base import RunnerConfig
+    return create_runner(RunnerConfig(str(args.model), backend=args.device_backend,
+                                      threads=args.device_threads,
+                                      num_blocks=-(-args.max_model_len // 16) + 2))
+
+
+def plan_all(items: list[WorkItem], prof: Profiles,
+             args: argparse.Namespace) -> tuple[list[Plan], list[str]]:
+    """The planner's settings per request (class: its own prompt length, loopback link), with
+    device-only excluded unless `--planner-device-only` (so the P/D-Device slot measures
+    P/D-Device; the modes the unrestricted planner would pick come second). `--n-cloud` /
+    `--rho` / `--pace` override the planner's choice."""
+    targets = Targets(args.ttft_target, args.max_tpot, args.quality_floor)
+    grid = Grid(margin_s=args.plan_margin, n_max=args.max_output)
+    plans, free_modes = [], []
+    for it in items:
+        cls = RequestClass((it.input_len, it.input_len), 0.0, float("inf"), prof.device)
+        free = explain(cls, prof, targets, grid)
+        p = free if args.planner_device_only else explain(
+            cls, prof, targets, replace(grid, allow_device_only=False))
+        if args.n_cloud is not None or args.rho is not None or args.pace is not None:
+            s = Settings(n_cloud=args.n_cloud if args.n_cloud is not None else
+                         p.settings.n_cloud, rho=args.rho or p.settings.rho,
+                         pace_s=args.pace or p.settings.pace_s or args.max_tpot)
+            p = replace(p, settings=s, reason="fixed by the command line")
+        plans.append(p)
+        free_modes.append(free.settings.mode)
+    return plans, free_modes
+
+
+def serve_one(rt: Any, item: WorkItem, mode: str, settings: Settings) -> dict[str, Any]:
+    from pd_serve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=item.output_len, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    shown = list(rt.generate(list(item.prompt), params, settings))
+    wall = time.perf_counter() - t0
+    r = rt.last_report
+    return {"mode": mode, "report_mode": r.mode, "ttft_s": r.ttft_s,
+            "gaps_s": list(r.tpot_gaps_s), "handover_index": r.handover_index,
+            "cloud_tokens_used": r.cloud_tokens_used,
+            "cloud_tokens_received": r.cloud_tokens_received,
+            "refined_tokens": r.refined_tokens, "reason": r.reason, "wall_s": wall,
+            "token_ids": [e.token_id for e in shown],
+            "sources": "".join("c" if e.source == "cloud" else "d" for e in shown),
+            "settings": vars(settings)}
+
+
+def run_serving(args: argparse.Namespace, url: str, items: list[WorkItem],
+                plans: list[Plan]) -> list[dict[str, Any]]:
+    """Every request in every mode through one DeviceRuntime (modes rotated per request),
+    after an unrecorded warm-up pass over the same requests (MindSpore compiles one graph per
+    shape bucket on first use; the cloud allocates on its first requests)."""
+    from pd_device import DeviceConfig, DeviceRuntime
+
+    rt = DeviceRuntime(DeviceConfig(
+        model_dir=str(args.model), backend=args.device_backend, threads=args.device_threads,
+        cloud_url=url, ttft_target_s=max(10.0, 4 * args.ttft_target), max_gap_s=args.max_tpot,
+        slowdown=args.device_slowdown, num_blocks=-(-args.max_model_len // 16) + 2))
+    # Every mode serves the same prompt: a prefix-cache hit would make the later modes' device
+    # prefill free, so the device's cache is off (the local cloud's is off in its config).
+    rt.engine.block_manager.enable_prefix_caching = False
+    rows = []
+    try:
+        for rep in range(1 if args.no_warmup_pass else 0, 2):
+            for i, (it, plan) in enumerate(zip(items, plans)):
+                for k in range(len(MODES)):
+                    mode = MODES[(i + k) % len(MODES)]
+                    s = plan.settings if mode == "pd_device" else Settings(
+                        n_cloud=0, rho=1.0, pace_s=plan.settings.pace_s, mode=mode)
+                    row = serve_one(rt, it, mode, s)
+                    print(f"{'warm-up ' if rep == 0 else ''}req {i} {it.trace} "
+                          f"in={it.input_len} out={it.output_len} {mode}/{s.mode}: "
+                          f"ttft={row['ttft_s']} max_gap={max(row['gaps_s'], default=0):.3f} "
+                          f"handover={row['handover_index']}", flush=True)
+                    if rep == 1:
+                        rows.append({"request": i, "trace": it.trace, "input_len": it.input_len,
+                                     "output_len": it.output_len, **row})
+    finally:
+        rt.close()
+    return rows
+
+
+def cloud_work(items: list[WorkItem], rows: list[dict[str, Any]],
+               mode: str) -> list[tuple[WorkItem, int, float]]:
+    """(item, N, rho) of the cloud work each request did in `mode` (none when it ran on the
+    device alone)."""
+    jobs = []
+    for i, it in enumerate(items):
+        r = next(x for x in rows if x["request"] == i and x["mode"] == mode)
+        if mode == "cloud_only":
+            jobs.append((it, it.output_len - 1, 1.0))
+        elif r["report_mode"] == "pd_device" and r["cloud_tokens_received"] > 0:
+            jobs.append((it, r["cloud_tokens_received"] - 1, r["settings"]["rho"]))
+    return jobs
+
+
+def run_occupancy(args: argparse.Namespace, client: AssistClient, items: list[WorkItem],
+                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cloud busy time per request (one at a time) and requests/s under closed-loop load, per
+    mode (see the module docstring)."""
+    out: dict[str, Any] = {"concurrency": args.concurrency}
+    for mode in ("cloud_only", "pd_device"):
+        jobs = cloud_work(items, rows, mode)
+        busy = [client.run(it.prompt, n, rho, it.output_len).end_s for it, n, rho in jobs]
+        reps = max(1, -(-2 * args.concurrency // max(1, len(jobs))))  # >= 2 jobs per client
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:  # httpx.Client is thread-safe
+            list(pool.map(lambda j: client.run(j[0].prompt, j[1], j[2], j[0].output_len),
+                          jobs * reps))
+        wall = time.perf_counter() - t0
+        out[mode] = {"cloud_requests": len(jobs), "requests": len(items), "busy_s": busy,
+                     "busy_s_per_request": sum(busy) / len(items), "load_rounds": reps,
+                     "load_wall_s": wall,
+                     "cloud_requests_per_s": len(jobs) * reps / wall if jobs else None,
+                     "requests_per_s": len(items) * reps / wall if jobs else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    traces = dict(t.split("=", 1) for t in args.traces)
+    text = held_out_tokens(args.model, args.corpus) if args.corpus.is_file() else None
+    items, notes = build_workload({k: Path(v) for k, v in traces.items()}, args.requests,
+                                  args.max_model_len, args.max_output, text, 1024, args.seed)
+    cloud = None
+    if args.start_cloud:
+        work = Path(tempfile.mkdtemp(prefix="bench_device_"))
+        cloud = LocalCloud(args.model, work, args.cloud_backend, args.cloud_device,
+                           args.cloud_threads).start()
+    url = cloud.url if cloud else args.cloud_url
+    if not url:
+        raise SystemExit("give --cloud-url or --start-cloud")
+    t_start = time.time()
+    try:
+        client = AssistClient(url, args.model)
+        prof = Profiles.load(args.profiles) if args.profiles else \
+            measured_profiles(args, client, text)
+        plans, free_modes = plan_all(items, prof, args)
+        rows = run_serving(args, url, items, plans)
+        occupancy = run_occupancy(args, client, items, rows)
+        runner = scorer(args)
+        g = args.quality_output
+        prompts = [list(it.prompt[-(args.max_model_len - g):])
+                   for it in items[:args.quality_requests]]
+        quality = measure_quality(runner, client, prompts, args.rhos, g)
+        runner.close()
+        client.close()
+    finally:
+        if cloud:
+            cloud.stop()
+    finish(args, items, notes, prof, plans, free_modes, rows, occupancy, quality,
+           time.time() - t_start)
+
+
+if __name__ == "__main__":
+    main()
