@@ -31,9 +31,8 @@ void free_record(cx_hccl_comm *c) {
 HcclResult destroy_now(cx_hccl_comm *c) {
     HcclResult r = HCCL_SUCCESS;
     if (c->state == HCCL_COMM_READY) {
-        if (cx_hccl_use_device(c->device) != CX_OK) {
-            /* Destroy anyway: HCCL knows the communicator's device. */
-        }
+        /* Destroyed even where the device cannot be made current: HCCL knows its device. */
+        (void)cx_hccl_use_device(c->device);
         pthread_mutex_t *mu = cx_hccl_device_mutex(c->device);
         pthread_mutex_lock(mu);
         r = cx_hccl_api.comm_destroy(c->comm);

@@ -21,6 +21,7 @@ from typing import Any
 from pd_serve.kv import hccl_lib
 from pd_serve.kv.hccl_wire import HCCL_WIRE
 from pd_serve.kv.p2p_peer import P2PPeer
+from pd_serve.kv.transport import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,17 @@ class HcclPeer(P2PPeer):
 
     def __init__(self, sock: socket.socket, reader: bool, device: int, label: str) -> None:
         super().__init__(sock, 0 if reader else 1, reader, device, label, HCCL_WIRE)
-        self.stream = hccl_lib.Stream(device)
+        try:
+            self.stream = hccl_lib.Stream(device)
+        except hccl_lib.CannExtError as exc:
+            raise TransportError(f"cannot make an HCCL pair with {label} on npu:{device}: "
+                                 f"{exc}") from exc
         try:
             self._scratch = hccl_lib.DeviceBuffer(device, WARM_UP_BYTES)
-        except BaseException:
+        except hccl_lib.CannExtError as exc:
             self.stream.destroy()
-            raise
+            raise TransportError(f"cannot make an HCCL pair with {label} on npu:{device}: "
+                                 f"{exc}") from exc
 
     def device_scope(self) -> AbstractContextManager[Any]:
         # Every cx_hccl_* call makes its device current itself.
