@@ -166,3 +166,5 @@ class AssistStream:
                     self._on_event(event)
             except CloudError as exc:
                 self._on_event(exc.failure)
+            except Exception as exc:  # the consumer must always learn that the stream ended
+                self._on_event(CloudFailure(f"assist client failed: {exc!r}", "client_error"))

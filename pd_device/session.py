@@ -17,12 +17,12 @@ every token exactly once, in order, whatever the timing.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 
 from pd_device.client import CloudFailure, StreamEvent
 from pd_device.controller import ControllerState
+from pd_serve.engine.refine import keep_count
 from pd_serve.gateway.assist_protocol import (
     AssistEnd,
     AssistError,
@@ -52,6 +52,7 @@ class Session:
         self.cloud_times: list[float] = []
         self.refined: list[int] | None = None  # kept prompt positions
         self.cloud_done = False  # no cloud event will be used any more
+        self.cloud_end: str | None = None  # the `end` event's reason
         self.cloud_failure: str | None = None
         self.cut: int | None = None  # cloud tokens in the stream, fixed by the worker
         self.local: list[int] = []
@@ -82,6 +83,7 @@ class Session:
             elif isinstance(event, AssistRefined):
                 self._set_refined(event.keep_indices)
             elif isinstance(event, AssistEnd):
+                self.cloud_end = event.reason
                 self.cloud_done = True
             elif isinstance(event, AssistError):
                 self._fail(f"cloud error {event.code}: {event.message}")
@@ -185,9 +187,12 @@ class Session:
             return "abort"
         if self.token_at(i) is not None:
             return None
-        if self.cut is None:
-            return ("error" if self.cloud_failure else "abort") if (
-                self.worker_done and self.cloud_done) else None
+        if self.cut is None:  # cloud-only: the cloud's end says why
+            if not (self.worker_done and self.cloud_done):
+                return None
+            if self.cloud_failure:
+                return "error"
+            return self.cloud_end if self.cloud_end in ("stop", "length") else "abort"
         if self.worker_done:
             return self.end_reason or ("error" if self.cloud_failure else "abort")
         return None
@@ -210,8 +215,8 @@ class Session:
             local_started=local_started)
 
     def _base_estimate(self) -> int:
-        n = len(self.prompt)
-        return n if self.rho >= 1.0 else min(n, math.ceil(self.rho * n) + self.refine_window)
+        """The device's prompt length before the refined prompt arrives (the cloud's rule)."""
+        return keep_count(len(self.prompt), self.rho, self.refine_window)
 
     def _cloud_gap(self) -> float | None:
         t = self.cloud_times[1:]  # the first token's time is the TTFT, not a gap
