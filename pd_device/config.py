@@ -20,8 +20,13 @@ class DeviceConfig:
     directory's name). `ttft_target_s`: no first cloud token by then -> device-only.
     `max_gap_s`: the speed controller's bound on the gap between two shown tokens.
     `chunk_max_tokens` bounds one local prefill chunk (the device re-plans between chunks).
-    `handover_after` (tests): hand over right after cloud token k (0 = the first), whatever the
-    device's speed; None: as soon as the device has caught up.
+    `warmup_context`: static-shape backends (MindSpore) compile their decode graphs for contexts
+    up to this many tokens at start (each new shape otherwise compiles on first use, seconds on
+    a CPU, in the middle of a stream). `reuse_prefix_cache`: keep the device's prefix cache
+    from one request to the next (a chat's earlier turns); off, every request starts cold, as
+    the evaluation's comparisons of modes on the same prompt need. `handover_after` (tests):
+    hand over right after cloud token k (0 = the first), whatever the device's speed; None: as
+    soon as the device has caught up.
     """
 
     model_dir: str
@@ -41,6 +46,8 @@ class DeviceConfig:
     refine_window: int = 32
     slowdown: float = 1.0
     warmup: bool = True
+    warmup_context: int = 256
+    reuse_prefix_cache: bool = False
     handover_after: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,6 +71,8 @@ class DeviceConfig:
             raise ValueError(f"refine_window must be >= 0, got {self.refine_window}")
         if not math.isfinite(self.slowdown) or self.slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1.0, got {self.slowdown!r}")
+        if self.warmup_context < 0:
+            raise ValueError(f"warmup_context must be >= 0, got {self.warmup_context}")
         if self.handover_after is not None and self.handover_after < 0:
             raise ValueError(f"handover_after must be >= 0, got {self.handover_after}")
 

@@ -22,6 +22,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import time
 from collections.abc import Iterator
@@ -72,11 +73,7 @@ class DeviceRuntime:
         self._owns_runner = runner is None
         self.tokenizer = Tokenizer(cfg.model_dir)
         self.tokenizer_hash = tokenizer_hash(cfg.model_dir)
-        self.engine = LLMEngine(
-            self._runner, self.tokenizer,
-            CacheConfig(cfg.block_size, min(cfg.num_blocks, self._runner.num_blocks), True),
-            SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=cfg.chunk_max_tokens,
-                            max_model_len=cfg.max_model_len))
+        self.engine = self._new_engine()
         eos = set(self._runner.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -93,7 +90,11 @@ class DeviceRuntime:
         time (the controller's estimates until the request's own measurements come in)."""
         warm = getattr(self._runner, "warmup", None)
         if callable(warm):
-            warm()
+            if "decode_contexts" in inspect.signature(warm).parameters:
+                warm(prefill_lens=(16, 32, 64), decode_contexts=_buckets(
+                    self.cfg.warmup_context, self.cfg.block_size))
+            else:
+                warm()
         vocab = self._runner.model_config.vocab_size
         prompt = [(7 * i + 3) % vocab for i in range(WARMUP_PROMPT_TOKENS)]
         params = SamplingParams(max_tokens=WARMUP_DECODE_STEPS + 1, temperature=0.0,
@@ -107,6 +108,15 @@ class DeviceRuntime:
         self.prefill_tps = WARMUP_PROMPT_TOKENS / max(times[0], 1e-6)
         decode = times[1:] or times
         self.decode_step_s = sum(decode) / len(decode)
+
+    def _new_engine(self) -> LLMEngine:
+        """An engine over the runner with an empty prefix cache (the runner's cache is reused)."""
+        cfg = self.cfg
+        return LLMEngine(
+            self._runner, self.tokenizer,
+            CacheConfig(cfg.block_size, min(cfg.num_blocks, self._runner.num_blocks), True),
+            SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=cfg.chunk_max_tokens,
+                            max_model_len=cfg.max_model_len))
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                  settings: Settings | None = None) -> Iterator[DisplayEvent]:
@@ -146,6 +156,8 @@ class DeviceRuntime:
 
     def _start(self, prompt: list[int], params: SamplingParams, settings: Settings) -> _Request:
         mode, t0 = settings.mode, time.monotonic()
+        if not self.cfg.reuse_prefix_cache:
+            self.engine = self._new_engine()  # nothing computed for an earlier request counts
         n_cloud = params.max_tokens - 1 if mode == "cloud_only" else settings.n_cloud
         rho = 1.0 if mode == "cloud_only" else settings.rho
         cap = min(n_cloud + 1, params.max_tokens)
@@ -160,7 +172,7 @@ class DeviceRuntime:
                 prompt, params, n_cloud, rho), session.on_cloud, self.cfg.connect_timeout_s)
         worker = None
         if mode != "cloud_only":
-            worker = DeviceWorker(self.engine, session, params, self.cfg, mode,
+            worker = DeviceWorker(self.engine, self._runner, session, params, self.cfg, mode,
                                   t0 + self.cfg.ttft_target_s,
                                   stream.cancel if stream is not None else _nothing,
                                   f"req-{next(self._ids)}")
@@ -229,3 +241,15 @@ def _report(req: _Request, now: float) -> RequestReport:
 
 def _nothing() -> None:
     return None
+
+
+def _buckets(limit: int, block_size: int) -> tuple[int, ...]:
+    """Context sizes whose shape buckets cover 1..limit (the runner rounds each up)."""
+    from pd_serve.backends.inputs import shape_bucket
+
+    sizes: list[int] = []
+    c = max(block_size, 16)
+    while c <= limit:
+        sizes.append(shape_bucket(c, max(block_size, 16)))
+        c = sizes[-1] + 1
+    return tuple(sizes)

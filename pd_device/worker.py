@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from pd_device.config import DeviceConfig
 from pd_device.session import Session
+from pd_serve.backends.base import ModelRunner
 from pd_serve.engine.engine import LLMEngine
 from pd_serve.engine.outputs import FinishReason, RequestOutput
 from pd_serve.engine.sampling_params import SamplingParams
@@ -52,10 +53,12 @@ _STOP = _Action("stop")
 class DeviceWorker:
     """Runs the device's part of one request (see the module docstring)."""
 
-    def __init__(self, engine: LLMEngine, session: Session, params: SamplingParams,
+    def __init__(self, engine: LLMEngine, runner: ModelRunner, session: Session,
+                 params: SamplingParams,
                  cfg: DeviceConfig, mode: str, deadline: float,
                  cancel_cloud: Callable[[], None], request_id: str) -> None:
         self._engine = engine
+        self._runner = runner
         self._s = session
         self._params = params
         self._cfg = cfg
@@ -191,15 +194,16 @@ class DeviceWorker:
     def _chunk(self, seq: list[int]) -> None:
         rid = f"{self._rid}-chunk-{next(self._chunk_ids)}"
         self._add(rid, seq, CHUNK_PARAMS)
-        seconds, cached = 0.0, 0
+        seconds, cached, compiled = 0.0, 0, False
         while rid in self._active:
-            outs, dt = self._step()
-            seconds += dt
+            outs, dt, new_graph = self._step()
+            seconds, compiled = seconds + dt, compiled or new_graph
             for out in outs:
                 if out.request_id == rid and out.finished:
                     self._active.discard(rid)
                     cached = out.cached_tokens
-        self._s.record_prefill(len(seq) - cached, seconds)
+        if not compiled:  # a graph compile says nothing about the device's speed
+            self._s.record_prefill(len(seq) - cached, seconds)
         with self._s.cond:
             self._s.computed = len(seq)
             self._s.cond.notify_all()
@@ -214,15 +218,16 @@ class DeviceWorker:
             with self._s.cond:
                 self._s.reason = f"the device cannot continue: {exc}"
             return "length" if "max_model_len" in str(exc) else "error"
-        seconds, first = 0.0, True
+        seconds, first, compiled = 0.0, True, False
         while rid in self._active:
-            outs, dt = self._step()
-            seconds += dt
+            outs, dt, new_graph = self._step()
+            seconds, compiled = seconds + dt, compiled or new_graph
             for out in (o for o in outs if o.request_id == rid):
                 if out.new_token_ids and first:
-                    self._s.record_prefill(len(seq) - out.cached_tokens, seconds)
+                    if not compiled:
+                        self._s.record_prefill(len(seq) - out.cached_tokens, seconds)
                     first = False
-                elif out.new_token_ids:
+                elif out.new_token_ids and not new_graph:
                     self._s.record_decode(dt)
                 self._s.add_local(out.new_token_ids, _finish(out))
                 if out.finished:
@@ -233,16 +238,19 @@ class DeviceWorker:
         self._engine.add_request(rid, seq, params)
         self._active.add(rid)
 
-    def _step(self) -> tuple[list[RequestOutput], float]:
+    def _step(self) -> tuple[list[RequestOutput], float, bool]:
+        """One engine step: (outputs, seconds, whether the runner compiled a new graph)."""
         if self._s.closed:
             for rid in self._active:
                 self._engine.abort(rid)
+        graphs = len(getattr(self._runner, "compiled_shapes", ()))
         t0 = time.monotonic()
         outs = self._engine.step()
         dt = time.monotonic() - t0
         if self._cfg.slowdown > 1.0:
             time.sleep(dt * (self._cfg.slowdown - 1.0))
-        return outs, time.monotonic() - t0
+        compiled = len(getattr(self._runner, "compiled_shapes", ())) != graphs
+        return outs, time.monotonic() - t0, compiled
 
     def _drain(self) -> None:
         """Leaves the engine idle: aborts this request's unfinished engine requests."""

@@ -281,3 +281,14 @@ def test_bad_requests_are_refused(device_runner: ModelRunner, prompt: list[int])
         rt.generate(prompt, GREEDY, Settings(mode="device_only"))
     busy.close()  # type: ignore[attr-defined]
     rt.engine.leak_check()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_each_request_starts_cold_unless_asked(reuse: bool, device_runner: ModelRunner,
+                                               prompt: list[int]) -> None:
+    rt = _device(device_runner, None, reuse_prefix_cache=reuse)
+    first = _run(rt, prompt, Settings(mode="device_only"))
+    again = _run(rt, prompt, Settings(mode="device_only"))
+    assert again.token_ids == first.token_ids
+    assert first.local_prefill_tokens == len(prompt)
+    assert (again.local_prefill_tokens < len(prompt)) == reuse
