@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -112,22 +113,23 @@ def measured_profiles(args: argparse.Namespace, client: AssistClient,
 
     lengths = [n for n in (16, 64, 256, 512, 1024, 2048) if n <= args.max_model_len]
     dev = measure_device(args.model, args.device_backend, args.device_threads, lengths,
-                         [min(256, args.max_model_len // 2)], 8, 2)
+                         [min(200, args.max_model_len // 2)], 8, 2)
     cloud = measure_cloud(client, lengths, 8, 0.5, 2)
     quality = None
     if text is not None:
-        runner = scorer(args)
+        runner = device_runner(args)
         prompts = [text[:256], text[len(text) // 2:len(text) // 2 + 256]]
         quality = measure_quality(runner, client, prompts, args.rhos, 16)
         runner.close()
     return profiles_of(dev, cloud, quality, args.device_slowdown, {"measured": "in the run"})
 
 
-def scorer(args: argparse.Namespace) -> Any:
+def device_runner(args: argparse.Namespace) -> Any:
+    """The device's runner (thread-limited), shared by its runtimes and the quality scoring."""
     from pd_serve.backends import create_runner
     from pd_serve.backends.base import RunnerConfig
     return create_runner(RunnerConfig(str(args.model), backend=args.device_backend,
-                                      threads=args.device_threads,
+                                      threads=args.device_threads, block_size=16,
                                       num_blocks=-(-args.max_model_len // 16) + 2))
 
 
@@ -173,38 +175,47 @@ def serve_one(rt: Any, item: WorkItem, mode: str, settings: Settings) -> dict[st
             "settings": vars(settings)}
 
 
-def run_serving(args: argparse.Namespace, url: str, items: list[WorkItem],
-                plans: list[Plan]) -> list[dict[str, Any]]:
-    """Every request in every mode through one DeviceRuntime (modes rotated per request),
-    after an unrecorded warm-up pass over the same requests (MindSpore compiles one graph per
-    shape bucket on first use; the cloud allocates on its first requests)."""
+def runtimes(args: argparse.Namespace, url: str, runner: Any) -> Callable[[], Any]:
+    """A factory of DeviceRuntimes sharing `runner`, each with a fresh engine: every mode
+    serves the same prompt, and a prefix-cache hit would make the later modes' device prefill
+    free (the local cloud's prefix cache is off in its config). The first runtime warms the
+    runner up and measures the device; later ones start from its measurements."""
     from pd_device import DeviceConfig, DeviceRuntime
 
-    rt = DeviceRuntime(DeviceConfig(
+    cfg = DeviceConfig(
         model_dir=str(args.model), backend=args.device_backend, threads=args.device_threads,
         cloud_url=url, ttft_target_s=max(10.0, 4 * args.ttft_target), max_gap_s=args.max_tpot,
-        slowdown=args.device_slowdown, num_blocks=-(-args.max_model_len // 16) + 2))
-    # Every mode serves the same prompt: a prefix-cache hit would make the later modes' device
-    # prefill free, so the device's cache is off (the local cloud's is off in its config).
-    rt.engine.block_manager.enable_prefix_caching = False
+        slowdown=args.device_slowdown, num_blocks=runner.num_blocks)
+    base = DeviceRuntime(cfg, runner=runner)
+
+    def fresh() -> Any:
+        rt = DeviceRuntime(replace(cfg, warmup=False), runner=runner)
+        rt.prefill_tps, rt.decode_step_s = base.prefill_tps, base.decode_step_s
+        return rt
+    return fresh
+
+
+def run_serving(args: argparse.Namespace, url: str, items: list[WorkItem], plans: list[Plan],
+                runner: Any) -> list[dict[str, Any]]:
+    """Every request in every mode, each on a fresh DeviceRuntime (modes rotated per request),
+    after an unrecorded warm-up pass over the same requests (MindSpore compiles one graph per
+    shape bucket on first use; the cloud allocates on its first requests)."""
+    fresh = runtimes(args, url, runner)
     rows = []
-    try:
-        for rep in range(1 if args.no_warmup_pass else 0, 2):
-            for i, (it, plan) in enumerate(zip(items, plans)):
-                for k in range(len(MODES)):
-                    mode = MODES[(i + k) % len(MODES)]
-                    s = plan.settings if mode == "pd_device" else Settings(
-                        n_cloud=0, rho=1.0, pace_s=plan.settings.pace_s, mode=mode)
-                    row = serve_one(rt, it, mode, s)
-                    print(f"{'warm-up ' if rep == 0 else ''}req {i} {it.trace} "
-                          f"in={it.input_len} out={it.output_len} {mode}/{s.mode}: "
-                          f"ttft={row['ttft_s']} max_gap={max(row['gaps_s'], default=0):.3f} "
-                          f"handover={row['handover_index']}", flush=True)
-                    if rep == 1:
-                        rows.append({"request": i, "trace": it.trace, "input_len": it.input_len,
-                                     "output_len": it.output_len, **row})
-    finally:
-        rt.close()
+    for rep in range(1 if args.no_warmup_pass else 0, 2):
+        for i, (it, plan) in enumerate(zip(items, plans)):
+            for k in range(len(MODES)):
+                mode = MODES[(i + k) % len(MODES)]
+                s = plan.settings if mode == "pd_device" else Settings(
+                    n_cloud=0, rho=1.0, pace_s=plan.settings.pace_s, mode=mode)
+                row = serve_one(fresh(), it, mode, s)
+                print(f"{'warm-up ' if rep == 0 else ''}req {i} {it.trace} "
+                      f"in={it.input_len} out={it.output_len} {mode}/{s.mode}: "
+                      f"ttft={row['ttft_s']} max_gap={max(row['gaps_s'], default=0):.3f} "
+                      f"handover={row['handover_index']}", flush=True)
+                if rep == 1:
+                    rows.append({"request": i, "trace": it.trace, "input_len": it.input_len,
+                                 "output_len": it.output_len, **row})
     return rows
 
 
@@ -264,9 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         prof = Profiles.load(args.profiles) if args.profiles else \
             measured_profiles(args, client, text)
         plans, free_modes = plan_all(items, prof, args)
-        rows = run_serving(args, url, items, plans)
+        runner = device_runner(args)
+        rows = run_serving(args, url, items, plans, runner)
         occupancy = run_occupancy(args, client, items, rows)
-        runner = scorer(args)
         g = args.quality_output
         prompts = [list(it.prompt[-(args.max_model_len - g):])
                    for it in items[:args.quality_requests]]

@@ -89,6 +89,7 @@ def print_table(summary: dict[str, Any]) -> None:
     for m, s in summary["modes"].items():
         print(f"{m:<12}{_ms(s['ttft_p50_s']):>10}{_ms(s['ttft_p90_s']):>10}"
               f"{_ms(s['tpot_p50_s']):>10}{_ms(s['tpot_p99_s']):>10}{_ms(s['tpot_max_s']):>10}")
+    print(f"P/D-Device slot ran as: {summary['modes']['pd_device']['report_modes']}")
     c = summary["claim"]
     for q in ("p50", "p90"):
         red = c[f"ttft_reduction_{q}"]
