@@ -1,5 +1,5 @@
-/* Private to the HCCL backend (backend_hccl.cc, hccl_comm.cc, hccl_xfer.cc): the resolved
- * libhccl / libascendcl entry points, the communicator record and the helpers they share.
+/* Private to the HCCL backend (backend_hccl.cc, hccl_status.cc, hccl_comm.cc, hccl_xfer.cc): the
+ * resolved libhccl / libascendcl entry points, the communicator record and the shared helpers.
  *
  * Why C++: CANN's public hccl_types.h sizes its arrays with `const uint32_t` constants and
  * hccl.h names `HcclConfigValue` without a typedef; both are C++ only (a C compiler stops at
@@ -94,7 +94,7 @@ struct cx_hccl_comm {
 pthread_mutex_t *cx_hccl_device_mutex(int32_t device);
 
 /* Records HCCL's failure of `call` (code, our meaning, HcclGetErrorString and ACL's recent error
- * text) and returns the matching cx_status (the error-code map lives in backend_hccl.cc). */
+ * text) and returns the matching cx_status (the error-code map lives in hccl_status.cc). */
 cx_status cx_hccl_fail(const char *call, HcclResult r);
 /* The same text for an ACL runtime call that returned `err`. */
 cx_status cx_acl_fail(const char *call, aclError err);
