@@ -37,12 +37,19 @@ from pd_serve.gateway.assist_protocol import ASSIST_PATH, parse_event  # noqa: E
 from pd_serve.instance.launch import free_port  # noqa: E402
 from pd_serve.models.tokenizer import Tokenizer, tokenizer_hash  # noqa: E402
 
-SHARED = REPO.parent / "shared"
-DEFAULT_TRACES = {
-    "sharegpt": SHARED / "traces/sharegpt_lengths/sharegpt_8k_filtered_stats_llama2_tokenizer.csv",
-    "arxiv": SHARED / "traces/arxiv_summarization_lengths/"
-                      "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"}
-DEFAULT_CORPUS = SHARED / "corpora/tinyshakespeare/input.txt"
+
+def _data(rel: str, staged: str) -> Path:
+    """`staged` under the repository's ignored .data/ (what a GPU machine is given) when it is
+    there, else `rel` in the shared folder beside the repository."""
+    local = REPO / ".data" / staged
+    return local if local.exists() else REPO.parent / "shared" / rel
+
+
+_SHAREGPT = "sharegpt_lengths/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+_ARXIV = "arxiv_summarization_lengths/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
+DEFAULT_TRACES = {"sharegpt": _data(f"traces/{_SHAREGPT}", f"traces/{_SHAREGPT}"),
+                  "arxiv": _data(f"traces/{_ARXIV}", f"traces/{_ARXIV}")}
+DEFAULT_CORPUS = _data("corpora/tinyshakespeare/input.txt", "input.txt")
 HELD_OUT = 0.05  # the demo model trained on the first 95% of the corpus' tokens
 
 
