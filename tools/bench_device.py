@@ -226,7 +226,7 @@ def cloud_work(items: list[WorkItem], rows: list[dict[str, Any]],
     jobs = []
     for i, it in enumerate(items):
         r = next(x for x in rows if x["request"] == i and x["mode"] == mode)
-        if mode == "cloud_only":
+        if mode == "cloud_only" or r["report_mode"] == "cloud_only":  # planner: cloud-only
             jobs.append((it, it.output_len - 1, 1.0))
         elif r["report_mode"] == "pd_device" and r["cloud_tokens_received"] > 0:
             jobs.append((it, r["cloud_tokens_received"] - 1, r["settings"]["rho"]))
