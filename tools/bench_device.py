@@ -111,7 +111,8 @@ def measured_profiles(args: argparse.Namespace, client: AssistClient,
     quality on two corpus prompts), as tools/profile_device.py measures them."""
     from profile_device import measure_cloud, measure_device, profiles_of
 
-    lengths = [n for n in (16, 64, 256, 512, 1024, 2048) if n <= args.max_model_len]
+    # a profiled prompt leaves room for its 9 (cloud) or more (device) output tokens
+    lengths = [n for n in (16, 64, 256, 512, 1024, 2048) if n <= args.max_model_len - 64]
     dev = measure_device(args.model, args.device_backend, args.device_threads, lengths,
                          [min(200, args.max_model_len // 2)], 8, 2)
     cloud = measure_cloud(client, lengths, 8, 0.5, 2)
