@@ -155,7 +155,7 @@ def finish(args: argparse.Namespace, items: list[WorkItem], notes: list[str], pr
                                    "python": platform.python_version()},
                        "command": "python tools/bench_device.py " + " ".join(sys.argv[1:]),
                        "elapsed_s": elapsed_s},
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: _portable(v) for k, v in vars(args).items()},
         "workload": {"notes": notes, "items": [
             {"trace": it.trace, "source": it.source, "input_len": it.input_len,
              "output_len": it.output_len} for it in items]},
@@ -180,3 +180,15 @@ def finish(args: argparse.Namespace, items: list[WorkItem], notes: list[str], pr
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print_table(summary)
     print(f"wrote {args.out} ({result['plot']})")
+
+
+def _portable(value: object) -> object:
+    """Paths as the repository-relative text the command line would use (no machine paths in
+    committed results); lists element by element."""
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        return value.replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+    return value
