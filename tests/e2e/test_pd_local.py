@@ -148,7 +148,10 @@ def test_first_token_before_handoff(cluster: PDCluster) -> None:
     check_clean(cluster)
 
 
-@pytest.mark.parametrize("cluster", [{"b_p": 1}], indirect=True)
+# decode waits 0.5 s before each fetch, so the only slot stays busy long enough for the second
+# concurrent request to meet it (without it a fast first hand-off made the test a race)
+@pytest.mark.parametrize("cluster", [{"b_p": 1, "decodes": [{"fetch_delay_s": 0.5}]}],
+                         indirect=True)
 def test_full_prefill_rejects_and_frontend_retries(cluster: PDCluster) -> None:
     assert cluster.prefill is not None and cluster.frontend is not None
     tok = Tokenizer(DEMO_MODEL)
