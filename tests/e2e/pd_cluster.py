@@ -17,7 +17,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,17 @@ class PDCluster:
     def stop(self) -> list[int]:
         procs = [p for p in (self.frontend, self.prefill, *self.decodes) if p is not None]
         return [p.stop() for p in procs]
+
+
+@contextmanager
+def running_cluster(tmp: Path, backend: str = "torch", **pd: Any) -> Iterator[PDCluster]:
+    """A started PDCluster (one decode, prefill, gateway) that prints its logs when the start
+    or the body fails and stops everything on exit."""
+    c = PDCluster(tmp, backend, **pd)
+    try:
+        yield c.start()
+    except Exception:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()

@@ -17,7 +17,7 @@ import pytest
 
 from pd_serve.gateway.assist_protocol import ASSIST_PATH, parse_event
 from pd_serve.models.tokenizer import Tokenizer, tokenizer_hash
-from tests.e2e.pd_cluster import PDCluster
+from tests.e2e.pd_cluster import PDCluster, running_cluster
 from tests.e2e.server_process import DEMO_MODEL
 from tests.e2e.test_pd_local import MODEL, PROMPTS, check_clean
 
@@ -29,14 +29,8 @@ LONG = TOK.encode(PROMPTS[2] * 3)  # ~100 tokens
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDCluster]:
-    c = PDCluster(tmp_path_factory.mktemp("assist"), "torch")
-    try:
-        yield c.start()
-    except Exception:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
+    with running_cluster(tmp_path_factory.mktemp("assist")) as c:
+        yield c
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ from pd_device import DeviceConfig, DeviceRuntime, RequestReport, Settings
 from pd_serve.backends.base import ModelRunner, RunnerConfig
 from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.models.tokenizer import Tokenizer
-from tests.e2e.pd_cluster import PDCluster
+from tests.e2e.pd_cluster import PDCluster, running_cluster
 from tests.e2e.server_process import DEMO_MODEL, REPO, free_port
 from tests.e2e.test_pd_local import MODEL, PROMPTS, check_clean
 
@@ -57,14 +57,8 @@ class LinkProcess:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDCluster]:
-    c = PDCluster(tmp_path_factory.mktemp("device"), "torch")
-    try:
-        yield c.start()
-    except Exception:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
+    with running_cluster(tmp_path_factory.mktemp("device")) as c:
+        yield c
 
 
 @pytest.fixture
