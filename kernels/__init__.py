@@ -3,7 +3,9 @@
 Public functions (shapes as in their docstrings):
   triton_available()        triton importable and CUDA present;
   paged_decode_attention    split-KV decode attention over a paged cache (CUDA-graph safe);
-  gather_kv / scatter_kv    a request's paged KV <-> the KVLayout buffer [L, 2, T, KVH, D].
+  gather_kv / scatter_kv    a request's paged KV <-> the KVLayout buffer [L, 2, T, KVH, D];
+  add_rms_norm, silu_mul, rope_qk_cache
+                            the fused elementwise ops of a decoder layer (`layer_ops.py`).
 Dispatch: CUDA tensors with triton available run the Triton kernels; CPU tensors, or any
 tensors where triton is missing, run `pd_kernels.reference` (same results, slower). The package
 imports without triton; the Triton modules load on first use.
@@ -17,9 +19,11 @@ import torch
 
 from . import reference
 from .checks import check_copy_args, check_decode_args, flat_buffer
+from .layer_ops import add_rms_norm, rope_qk_cache, silu_mul
 from .reference import ref_gather_kv, ref_paged_decode_attention, ref_scatter_kv
 
 __all__ = ["triton_available", "paged_decode_attention", "gather_kv", "scatter_kv",
+           "add_rms_norm", "silu_mul", "rope_qk_cache",
            "reference", "ref_paged_decode_attention", "ref_gather_kv", "ref_scatter_kv"]
 
 

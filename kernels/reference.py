@@ -71,3 +71,44 @@ def ref_scatter_kv(src: torch.Tensor, kv_blocks: torch.Tensor, block_table: torc
     blocks, offsets = token_blocks(block_table, num_tokens, block_size)
     data = flat_buffer(src, kv_blocks.dtype, layers * 2 * num_tokens * kv_heads * dim, "src")
     kv_blocks[:, :, blocks, offsets] = data.view(layers, 2, num_tokens, kv_heads, dim)
+
+
+def ref_add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float, out: torch.Tensor) -> None:
+    """h += delta (in h's dtype, when given), then out = weight * RMSNorm(h) with the norm in
+    float32 and cast back before the weight. h, delta, out [N, hidden]; weight [hidden]."""
+    if delta is not None:
+        h.add_(delta)
+    h32 = h.float()
+    normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    torch.mul(weight, normed, out=out)
+
+
+def ref_silu_mul(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out = silu(gate) * up where x = [gate | up] along the last dim; x [N, 2I], out [N, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    torch.mul(torch.nn.functional.silu(gate), up, out=out)
+
+
+def ref_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, slots: torch.Tensor | None, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor | None) -> None:
+    """Rope (half-split) of q and k from packed qkv [N, (H + 2 KVH) * D] at `positions` [N];
+    roped q into q_out [N, H, D], roped k into k_out [N, KVH, D] when given; roped k and v into
+    slots [N] of k_cache / v_cache [S, KVH, D] when slots is given."""
+    n, heads, dim = q_out.shape
+    kv_heads = k_cache.shape[-2]
+    q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
+    c, s = cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)  # [N, 1, D]
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        half = dim // 2
+        return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+
+    q_out.copy_(rope(q))
+    k_roped = rope(k)  # [N, KVH, D]
+    if k_out is not None:
+        k_out.copy_(k_roped)
+    if slots is not None:
+        k_cache.index_copy_(0, slots.long(), k_roped)
+        v_cache.index_copy_(0, slots.long(), v)

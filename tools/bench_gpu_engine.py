@@ -24,6 +24,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ def measure_ours(runner: TorchRunner, model_dir: str, args: argparse.Namespace,
                 args.iters, floor)
         except Exception as exc:  # an optional variant; its failure is a result too
             res["decode_attention"][name] = {"failed": repr(exc)[:400]}
+    res["unfused"] = unfused_baseline(runner, args, floor, base)
     runner.reconfigure(default_opts)
     res["prefill"] = prefill_runs(runner, args.prefill_tokens, args.prefill_batches,
                                   args.iters, base["matmul"]["tflop_per_s"])
@@ -123,6 +125,18 @@ def measure_ours(runner: TorchRunner, model_dir: str, args: argparse.Namespace,
     res["engine"] = engine_loop(runner, model_dir, args.engine_batch,
                                 512 if not args.quick else 64, args.engine_steps)
     return res
+
+
+def unfused_baseline(runner: TorchRunner, args: argparse.Namespace,
+                     floor: Callable[[int, int], float], base: dict[str, Any]) -> dict[str, Any]:
+    """The same graphs and prefill without the fused layer ops (the torch elementwise stack):
+    what the fused kernels buy, measured in the same run."""
+    batches = [b for b in (1, 32) if b <= max(args.batches)]
+    runner.reconfigure(TorchOptions(fast=True, fused=False, graph_batch_sizes=tuple(batches)))
+    runner.warmup()
+    return {"decode_graphs": decode_grid(runner, batches, args.contexts, args.iters, floor),
+            "prefill": prefill_runs(runner, args.prefill_tokens, [1], args.iters,
+                                    base["matmul"]["tflop_per_s"])}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -136,6 +150,11 @@ def print_table(result: dict[str, Any]) -> None:
               f"{e['median_ms']:9.3f} {g['floor_ms']:9.3f} {g['x_floor']:8.2f}")
     for name, rows in ours["decode_attention"].items():
         print(f"attention {name}: {rows}")
+    for r in ours["unfused"]["decode_graphs"]:
+        print(f"unfused decode batch {r['batch']} ctx {r['context']}: {r['median_ms']:.3f} ms "
+              f"({r['x_floor']:.2f}x floor)")
+    for r in ours["unfused"]["prefill"]:
+        print(f"unfused prefill batch {r['batch']}: {r['median_ms']:.2f} ms, MFU {r['mfu']:.0%}")
     for r in ours["prefill"]:
         print(f"prefill batch {r['batch']} x {r['tokens']}: {r['median_ms']:.2f} ms, "
               f"{r['tflop_per_s']} TFLOP/s, MFU {r['mfu']:.0%}")

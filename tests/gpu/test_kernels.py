@@ -222,3 +222,39 @@ def test_gather_scatter_beyond_2g_elements() -> None:
     assert torch.equal(back, src)
     del kv_blocks
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_fused_layer_ops_match_reference(dtype: torch.dtype, n: int) -> None:
+    """Llama-3-8B shapes: rope + cache write exact (the kernel rounds where torch does),
+    residual + RMSNorm and SiLU * up within one ulp of the model dtype."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    heads, kv_heads, dim, hidden, inter, slots_total = 32, 8, 128, 4096, 14336, 1024
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    qkv, positions = randn(n, (heads + 2 * kv_heads) * dim), torch.randint(
+        0, 8192, (n,), device="cuda", generator=gen)
+    angles = torch.rand(8192, dim // 2, device="cuda", generator=gen) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, dim=1).to(dtype) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(slots_total, device="cuda", generator=gen)[:n]
+    caches = [torch.zeros(4, slots_total, kv_heads, dim, device="cuda", dtype=dtype)
+              for _ in range(2)]
+    q, k = pk.rope_qk_cache(qkv, positions, cos, sin, slots, caches[0][0], caches[0][1],
+                            heads, True)
+    rq, rk = torch.empty_like(q), torch.empty_like(k)
+    pk.reference.ref_rope_cache(qkv, positions, cos, sin, slots, caches[1][0], caches[1][1],
+                                rq, rk)
+    assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(caches[0], caches[1])
+    h, delta, weight = randn(n, hidden), randn(n, hidden), 1 + randn(hidden) / 4
+    h_ref, x_ref = h.clone(), torch.empty_like(h)
+    pk.reference.ref_add_rms_norm(h_ref, delta, weight, 1e-5, x_ref)
+    x = pk.add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(x, x_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    gu = randn(n, 2 * inter)
+    ref = torch.empty(n, inter, device="cuda", dtype=dtype)
+    pk.reference.ref_silu_mul(gu, ref)
+    torch.testing.assert_close(pk.silu_mul(gu), ref, rtol=TOL[dtype], atol=TOL[dtype])

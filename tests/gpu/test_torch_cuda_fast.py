@@ -88,13 +88,16 @@ def test_fast_matches_plain_float32(model_dir: Path) -> None:
     fast.close()
 
 
-@pytest.mark.parametrize("attention", ["triton", "torch", "flex"])
-def test_fast_bf16_close_to_reference(model_dir: Path, attention: str) -> None:
+@pytest.mark.parametrize("variant", ["triton", "torch", "flex", "triton-unfused"])
+def test_fast_bf16_close_to_reference(model_dir: Path, variant: str) -> None:
+    """Every decode attention with the fused layer ops, and the Triton one without them."""
+    attention, _, unfused = variant.partition("-")
     ref = workload(make(model_dir, "float32", TorchOptions(fast=False)))
     plain = workload(make(model_dir, "bfloat16", TorchOptions(fast=False)))
     runner = make(model_dir, "bfloat16", TorchOptions(
         fast=True, decode_attention=attention, graph_batch_sizes=(1, 2, 4, 8),
-        graph_contexts=(64, 256)))
+        graph_contexts=(64, 256), fused=False if unfused else None))
+    assert runner.fast is not None and (runner.fast.ops is None) == bool(unfused)
     try:
         runner.warmup()
     except Exception as exc:  # flex needs torch.compile to lower its kernel on this machine

@@ -37,14 +37,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_model(tmp_path_factory.mktemp("rand") / "tiny", "tiny", seed=1, std=0.05)
 
 
-@pytest.fixture(scope="module", params=["torch", "flex", "triton"])
+@pytest.fixture(scope="module", params=["torch", "flex", "triton", "triton-unfused"])
 def runners(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[Pair]:
+    """(plain, fast) runners; the fast one with the given decode attention and, unless
+    "-unfused", the fused layer ops (their torch references on CPU)."""
     cfg = RunnerConfig(str(model_dir), backend="torch", block_size=16, num_blocks=BLOCKS,
                        max_model_len=512)
+    attention, _, unfused = request.param.partition("-")
     plain = TorchRunner(cfg, TorchOptions(fast=False))
-    fast = TorchRunner(cfg, TorchOptions(fast=True, decode_attention=request.param,
-                                         graph_batch_sizes=(1, 2, 4), graph_contexts=(64, 128)))
+    fast = TorchRunner(cfg, TorchOptions(fast=True, decode_attention=attention,
+                                         graph_batch_sizes=(1, 2, 4), graph_contexts=(64, 128),
+                                         fused=False if unfused else None))
     assert plain.fast is None and fast.fast is not None
+    assert (fast.fast.ops is None) == bool(unfused)
     yield plain, fast
     plain.close()
     fast.close()
@@ -171,10 +176,12 @@ def test_pack_rows_padding() -> None:
 
 def test_options_env_and_buckets() -> None:
     env = {"PD_SERVE_TORCH_FAST": "1", "PD_SERVE_TORCH_GRAPHS": "0",
-           "PD_SERVE_TORCH_ATTENTION": "flex", "PD_SERVE_TORCH_GRAPH_BATCH": "20"}
+           "PD_SERVE_TORCH_ATTENTION": "flex", "PD_SERVE_TORCH_GRAPH_BATCH": "20",
+           "PD_SERVE_TORCH_FUSED": "0"}
     with mock.patch.dict(os.environ, env):
         opts = TorchOptions.from_env()
     assert opts.fast is True and opts.cuda_graphs is False and opts.decode_attention == "flex"
+    assert opts.fused is False and TorchOptions.from_env().fused is None
     assert opts.graph_batch_sizes == (1, 2, 4, 8, 16, 20)
     with mock.patch.dict(os.environ, {"PD_SERVE_TORCH_GRAPHS": "yes"}):
         with pytest.raises(ValueError, match="PD_SERVE_TORCH_GRAPHS"):

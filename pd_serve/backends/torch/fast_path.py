@@ -5,6 +5,8 @@ Prefill packs every sequence's new tokens into one token stream, so the projecti
 matmul over N tokens without padding; attention runs per sequence (`attention.py`). Decode
 writes the new token's K/V into its slot on the device (index_copy_, no host sync) and reads
 the context through the paged kernel; the step runs on static buffers (`cuda_graphs.py`).
+With `pd_kernels` present (and a model it covers) both run the fused layer stack
+(`fused_layers.py`), whose rope kernel also writes the cache.
 
 Lifecycle: 1. built by the runner over its decoder and KV cache; 2. `warmup()` runs one prefill
 on the scratch block and captures the decode graphs; 3. `prefill` / `decode` any number of
@@ -18,10 +20,12 @@ from types import ModuleType
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pd_serve.backends.base import DecodeBatch, SeqChunk
 from pd_serve.backends.torch.attention import causal_attention, make_decode_attention
 from pd_serve.backends.torch.cuda_graphs import DecodeGraphs, DecodeInputs, Layout
+from pd_serve.backends.torch.fused_layers import run_layers_fused, supports_fused
 from pd_serve.backends.torch.model import TorchDecoder
 from pd_serve.backends.torch.options import TorchOptions, context_buckets
 
@@ -77,6 +81,8 @@ class FastPath:
         self.scale = mc.head_dim ** -0.5
         self.device = kv_blocks.device
         self.attn = make_decode_attention(opts.decode_attention, self.device, kernels)
+        # the fused layer ops need pd_kernels and a model the fused stack covers
+        self.ops = kernels if supports_fused(model) and opts.fused is not False else None
         cols = tuple(sorted({-(-c // self.block_size) for c in
                              context_buckets(opts, max_model_len)}))
         lay = Layout(self.block_size, self.scratch_block, max_model_len, mc.vocab_size)
@@ -99,40 +105,64 @@ class FastPath:
         plan = PrefillPlan.build(seqs, self.block_size)
         n = plan.num_tokens
         dev = torch.from_numpy(plan.packed).to(self.device)  # [packed] int64
-        slots, ctx_base = dev[2 * n:3 * n], 3 * n + len(seqs)
-        single = len(seqs) == 1 and plan.spans[0][3] == 0
+        slots, last = dev[2 * n:3 * n], dev[3 * n:3 * n + len(seqs)]
+
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor | None,
+                      v: torch.Tensor) -> torch.Tensor:
+            return self._prefill_attention(plan, dev, i, q, k, v)
+
+        if self.ops is not None:
+            x = run_layers_fused(self.model, self.ops, dev[:n], dev[n:2 * n], slots,
+                                 self.kv_flat, attention, want_k=True)  # [N, hidden]
+            return F.linear(x if all_rows else x[last], self.model.lm_head)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache, v_cache = self.kv_flat[i, 0], self.kv_flat[i, 1]
-            k_cache.index_copy_(0, slots, k)
-            v_cache.index_copy_(0, slots, v)
-            if single:
-                return causal_attention(q, k, v)
-            outs = []
-            for row, length, off, ctx in plan.spans:
-                rows = slice(row, row + length)
-                if ctx == 0:
-                    outs.append(causal_attention(q[rows], k[rows], v[rows]))
-                else:
-                    idx = dev[ctx_base + off:ctx_base + off + ctx]  # [ctx] slots
-                    outs.append(causal_attention(q[rows], k_cache[idx], v_cache[idx]))
-            return torch.cat(outs)  # [N, H, D]
+            self.kv_flat[i, 0].index_copy_(0, slots, k)
+            self.kv_flat[i, 1].index_copy_(0, slots, v)
+            return attention(i, q, k, v)
 
         h = self.model.run_layers(dev[:n], dev[n:2 * n], attend)  # [N, hidden]
-        if not all_rows:
-            h = h[dev[3 * n:3 * n + len(seqs)]]  # [num_seqs, hidden]
-        return self.model.logits(h)
+        return self.model.logits(h if all_rows else h[last])
+
+    def _prefill_attention(self, plan: PrefillPlan, dev: torch.Tensor, i: int, q: torch.Tensor,
+                           k: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the packed new tokens q [N, H, D] over their own k, v [N, KVH, D]
+        or, for a sequence that starts past position 0, over its cached context."""
+        assert k is not None, "prefill always hands over the new tokens' k"
+        if len(plan.spans) == 1 and plan.spans[0][3] == 0:
+            return causal_attention(q, k, v)
+        ctx_base = 3 * plan.num_tokens + len(plan.spans)
+        k_cache, v_cache = self.kv_flat[i, 0], self.kv_flat[i, 1]
+        outs = []
+        for row, length, off, ctx in plan.spans:
+            rows = slice(row, row + length)
+            if ctx == 0:
+                outs.append(causal_attention(q[rows], k[rows], v[rows]))
+            else:
+                idx = dev[ctx_base + off:ctx_base + off + ctx]  # [ctx] slots
+                outs.append(causal_attention(q[rows], k_cache[idx], v_cache[idx]))
+        return torch.cat(outs)  # [N, H, D]
 
     def _decode_step(self, inp: DecodeInputs) -> torch.Tensor:
         """One decode step on static inputs -> logits [B, vocab]; graph-safe (no host sync)."""
         slots = inp.slot_mapping.long()
         kv = self.kv_blocks
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.kv_flat[i, 0].index_copy_(0, slots, k)
-            self.kv_flat[i, 1].index_copy_(0, slots, v)
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor | None,
+                      v: torch.Tensor) -> torch.Tensor:
             return self.attn(q, kv[i, 0], kv[i, 1], inp.block_tables, inp.context_lens,
                              self.scale)
 
-        h = self.model.run_layers(inp.token_ids.long(), inp.positions.long(), attend)
+        tokens, positions = inp.token_ids.long(), inp.positions.long()
+        if self.ops is not None:
+            x = run_layers_fused(self.model, self.ops, tokens, positions, slots, self.kv_flat,
+                                 attention, want_k=False)  # [B, hidden]
+            return F.linear(x, self.model.lm_head)  # [B, vocab]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.kv_flat[i, 0].index_copy_(0, slots, k)
+            self.kv_flat[i, 1].index_copy_(0, slots, v)
+            return attention(i, q, k, v)
+
+        h = self.model.run_layers(tokens, positions, attend)
         return self.model.logits(h)  # [B, vocab]

@@ -4,7 +4,8 @@ Defaults suit serving (the fast path with CUDA graphs on CUDA, the plain formula
 tests and benchmarks pass a TorchOptions to compare, and the environment variables below
 override the defaults for a served instance (debugging without editing configs):
 PD_SERVE_TORCH_FAST=0|1, PD_SERVE_TORCH_GRAPHS=0|1, PD_SERVE_TORCH_ATTENTION=auto|triton|flex|torch,
-PD_SERVE_TORCH_GRAPH_BATCH=64 (largest captured decode batch).
+PD_SERVE_TORCH_GRAPH_BATCH=64 (largest captured decode batch), PD_SERVE_TORCH_FUSED=0|1 (the
+fused layer ops of pd_kernels).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class TorchOptions:
     # Context buckets in tokens, each captured with block tables of ceil(c / block_size)
     # columns; None: powers of two from 256 up to max_model_len (which is always the last).
     graph_contexts: tuple[int, ...] | None = None
+    # Fused residual+norm, SiLU*up and rope+cache-write kernels; None: whenever pd_kernels is
+    # there and covers the model (False keeps the unfused torch stack, the baseline).
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.decode_attention not in ("auto", *DECODE_BACKENDS):
@@ -46,6 +50,7 @@ class TorchOptions:
         env = os.environ
         fast = _flag(env.get("PD_SERVE_TORCH_FAST"), "PD_SERVE_TORCH_FAST")
         graphs = _flag(env.get("PD_SERVE_TORCH_GRAPHS"), "PD_SERVE_TORCH_GRAPHS")
+        fused = _flag(env.get("PD_SERVE_TORCH_FUSED"), "PD_SERVE_TORCH_FUSED")
         max_batch = env.get("PD_SERVE_TORCH_GRAPH_BATCH")
         sizes: tuple[int, ...] = DEFAULT_GRAPH_BATCHES
         if max_batch:
@@ -56,7 +61,7 @@ class TorchOptions:
             sizes = tuple(b for b in DEFAULT_GRAPH_BATCHES if b < top) + (top,)
         return cls(fast=fast, cuda_graphs=True if graphs is None else graphs,
                    decode_attention=env.get("PD_SERVE_TORCH_ATTENTION", "auto"),
-                   graph_batch_sizes=sizes)
+                   graph_batch_sizes=sizes, fused=fused)
 
 
 def _flag(value: str | None, name: str) -> bool | None:
