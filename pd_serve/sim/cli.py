@@ -23,7 +23,14 @@ from rich.table import Table
 from pd_serve.bench import options as bo
 from pd_serve.cli_errors import or_exit
 from pd_serve.orchestrator.adjuster import AdjusterConfig
-from pd_serve.sim.config import AdjustSpec, GatewaySpec, InstanceSpec, ScenarioSpec, SimConfig
+from pd_serve.sim.config import (
+    AdjustSpec,
+    GatewaySpec,
+    HostSpec,
+    InstanceSpec,
+    ScenarioSpec,
+    SimConfig,
+)
 from pd_serve.sim.latency import HandoffModel, LatencyProfile
 from pd_serve.sim.summary import clean
 
@@ -118,6 +125,9 @@ PolicyOpt = Annotated[str, typer.Option(help="Gateway policy: forwarding | fifo 
                                         "round_robin.")]
 IntOpt = Annotated[int, typer.Option()]
 RecordsOpt = Annotated[Path | None, typer.Option(help="Per-request records (JSONL).")]
+HostFactorOpt = Annotated[float, typer.Option(help="With --host-size: a step of this role "
+                                              "stretches by 1 + (f - 1) k while k co-located "
+                                              "instances compute.")]
 VllmOpt = Annotated[bool, typer.Option(help="Also compute pd-serve bench's (vLLM) metrics from "
                                        "the simulated requests.")]
 
@@ -146,6 +156,9 @@ def run(profile_path: ProfileOpt, trace: bo.Traces = None, trace_format: bo.Trac
         adjust_window_s: Annotated[float, typer.Option(help="Adjuster window.")] = 30.0,
         switch_s: Annotated[float, typer.Option(help="Time an instance takes to switch "
                                                 "role (or a spare to load).")] = 5.0,
+        host_size: Annotated[int, typer.Option(help="Instances per shared host, filled in id "
+                                               "order (0: every instance has its own).")] = 0,
+        host_prefill_factor: HostFactorOpt = 1.0, host_decode_factor: HostFactorOpt = 1.0,
         result: bo.Result = None, records: RecordsOpt = None, vllm_metrics: VllmOpt = False,
         ) -> None:
     """Replay a workload (the options of `pd-serve bench run`) through a simulated deployment
@@ -188,10 +201,14 @@ def _sim_config(v: dict[str, Any], reqs: Any, hash_block: int | None, prof: Late
     window = v["adjust_window_s"]
     adjust = AdjustSpec(AdjusterConfig(window_s=window, cooldown_s=4 * window),
                         interval_s=min(5.0, window), switch_s=v["switch_s"])
+    if v["host_size"] < 0:
+        raise ValueError(f"--host-size: expected >= 0, got {v['host_size']}")
+    host = HostSpec(v["host_size"], v["host_prefill_factor"], v["host_decode_factor"]) \
+        if v["host_size"] else None
     return SimConfig(tuple(ScenarioSpec(n, p, d, v["policy"], *gateway_slo(slos.of(n)))
                            for n, (p, d) in sorted(split.items())),
                      v["mode"], spec, gw, v["spares"], adjust if v["adjust"] else None,
-                     v["noise_cv"], v["seed"])
+                     v["noise_cv"], v["seed"], host)
 
 
 def _write(res: Any, data: dict[str, Any], result: Path | None, records: Path | None) -> None:

@@ -50,6 +50,8 @@ class Cluster:
         for n in range(total):
             iid = f"i{n:05d}"
             self.records[iid] = InstanceRecord(id=iid, url=iid)
+            if self.ctx.hosts is not None:  # shared hosts: filled in id order
+                self.ctx.hosts.place(iid)
         self.reconcile(instant=True)
 
     def view(self) -> groups.View:
@@ -134,4 +136,8 @@ class Cluster:
     def leak_check(self) -> None:
         for obj in self.ctx.instances.values():
             obj.leak_check()
+        hosts = self.ctx.hosts
+        busy = [] if hosts is None else [n for n, c in hosts.by_name.items() if c.busy]
+        if busy:
+            raise AssertionError(f"still computing on their hosts at the end: {busy}")
         self.ctx.gateway.leak_check()

@@ -109,6 +109,32 @@ class AdjustSpec:
 
 
 @dataclass(frozen=True)
+class HostSpec:
+    """Shared hosts (pd_serve.sim.host): instances placed `size` to a host in id order; while k
+    co-located instances compute, a prefill step stretches by 1 + (prefill_factor - 1) k and a
+    decode step by 1 + (decode_factor - 1) k (factors measured, >= 1; 1: no slowdown)."""
+
+    size: int = 2
+    prefill_factor: float = 1.0
+    decode_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"host.size: expected an integer >= 1, got {self.size!r}")
+        for name in ("prefill_factor", "decode_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (math.isfinite(value) and value >= 1):
+                raise ValueError(f"host.{name}: expected a finite number >= 1, got {value!r}")
+
+    def factor(self, role: str) -> float:
+        if role == "prefill":
+            return self.prefill_factor
+        if role == "decode":
+            return self.decode_factor
+        raise ValueError(f"host: no co-location factor for role {role!r}")
+
+
+@dataclass(frozen=True)
 class SimConfig:
     scenarios: tuple[ScenarioSpec, ...]
     mode: str = "disaggregated"
@@ -118,6 +144,7 @@ class SimConfig:
     adjust: AdjustSpec | None = None
     noise_cv: float = 0.0  # lognormal noise on step and hand-off times (0: deterministic)
     seed: int = 0
+    host: HostSpec | None = None  # shared hosts (None: every instance has its own)
 
     def __post_init__(self) -> None:
         if not self.scenarios:
@@ -129,6 +156,8 @@ class SimConfig:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.mode == "aggregated" and self.adjust is not None:
             raise ValueError("adjust: the P/D adjuster needs mode 'disaggregated'")
+        if self.mode == "aggregated" and self.host is not None:
+            raise ValueError("host: shared hosts are modelled for mode 'disaggregated' only")
         if isinstance(self.spares, bool) or not isinstance(self.spares, int) or self.spares < 0:
             raise ValueError(f"spares: expected an integer >= 0, got {self.spares!r}")
         _positive("noise_cv", self.noise_cv, allow_zero=True)

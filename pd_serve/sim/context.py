@@ -1,5 +1,6 @@
 """What every simulated instance shares: the event loop, the instance shape, the latency
-profile, the gateway it answers, the instances by name (hand-off peers) and the noise."""
+profile, the gateway it answers, the instances by name (hand-off peers), the noise and the
+shared hosts (None: every instance has its own)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pd_serve.sim.latency import LatencyProfile
 
 if TYPE_CHECKING:
     from pd_serve.sim.gateway import SimGateway
+    from pd_serve.sim.host import Hosts
 
 
 @dataclass
@@ -24,6 +26,7 @@ class SimContext:
     half_rtt: float  # one control message's latency
     noise: Noise | None = None
     instances: dict[str, Any] = field(default_factory=dict)  # name -> simulated instance
+    hosts: Hosts | None = None
 
     def kv_blocks_for(self, input_len: int, output_len: int) -> int:
         """Blocks a request's whole sequence needs (the last token's KV is never written)."""

@@ -14,6 +14,9 @@ Lifecycle of one hand-off (who frees what):
    its slot; the request joins the batch;
 4. finished at the boundary of its last step: blocks and batch place are freed, the next
    hand-offs are reserved.
+On a shared host (pd_serve.sim.host) the batch runs in the instance's work time: boundaries are
+mapped to virtual time at the current speed and re-scheduled when a neighbour starts or stops;
+the instance counts as computing while its batch is not empty.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class SimDecode:
         self.draining = False
         self.on_idle: Callable[[object], None] | None = None
         self.served = 0  # requests finished
+        # shared host (None: own cores): the batch then runs in this instance's work time
+        self.clock = None if ctx.hosts is None else ctx.hosts.clock(name, self.role, self._retime)
 
     def handoff_offer(self, req: SimRequest) -> None:
         if self.draining:
@@ -86,14 +91,17 @@ class SimDecode:
     def _fetched(self, req: SimRequest) -> None:
         self.fetching = None
         self.loop.after(self.ctx.half_rtt, req.prefill.handoff_done, req)
-        run = self.run
+        run, clock = self.run, self.clock
+        now = self.loop.now if clock is None else clock.local(self.loop.now)
         if run.size == 0 and not self.scheduled:
-            run.restart(self.loop.now)
+            run.restart(now)
             run.add(req, req.output_len - 1)
+            if clock is not None:
+                clock.set_busy(True)
             self._schedule(run.steps_to_finish())
         else:
             self.pending.append(req)
-            k = run.steps_to(self.loop.now)
+            k = run.steps_to(now)
             if k < self.next_k:
                 self._schedule(k)
         if self.fetch_queue:
@@ -103,22 +111,33 @@ class SimDecode:
         self.next_k = k
         self.token += 1
         self.scheduled = True
-        self.loop.at(self.run.boundary(k), self._tick, self.token)
+        t = self.run.boundary(k)
+        if self.clock is not None:  # boundaries are in work time on a shared host
+            t = max(self.loop.now, self.clock.real(t))
+        self.loop.at(t, self._tick, self.token)
+
+    def _retime(self) -> None:
+        """A neighbour on the host started or stopped: the next boundary moves."""
+        if self.scheduled:
+            self._schedule(self.next_k)
 
     def _tick(self, token: int) -> None:
         if token != self.token:
             return  # superseded by an earlier boundary
         self.scheduled = False
         now, run = self.loop.now, self.run
-        run.advance(self.next_k, now)
+        t = now if self.clock is None else run.boundary(self.next_k)  # exact, in work time
+        run.advance(self.next_k, t)
         finished = run.pop_finished()
         if self.pending:
             for req in self.pending:
                 run.add(req, req.output_len - 1)
             self.pending.clear()
-        run.restart(now)
+        run.restart(t)
         if run.size:
             self._schedule(run.steps_to_finish())
+        elif self.clock is not None:
+            self.clock.set_busy(False)
         if finished:
             ctx = self.ctx
             end = now + ctx.half_rtt

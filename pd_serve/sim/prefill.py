@@ -13,6 +13,8 @@ Lifecycle of one request (who frees what):
 3. the hand-off is offered to the least busy decode peer (a draining one refuses: next peer);
    no peer left: the request fails and its slot is freed;
 4. `handoff_done` (decode fetched the KV) frees the slot; a freed slot goes to the FIFO head.
+On a shared host (pd_serve.sim.host) a step's end is a point in the instance's work time,
+re-scheduled when a neighbour starts or stops; the instance counts as computing during steps.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class SimPrefill(SlotAdmission):
         self.draining = False
         self.on_idle: Callable[[object], None] | None = None
         self.served = 0  # first tokens produced
+        # shared host (None: own cores): the step in progress and its end in work time
+        self.clock = None if ctx.hosts is None else ctx.hosts.clock(name, self.role, self._retime)
+        self.chunks: Chunks | None = None
+        self.step_end = 0.0
+        self.step_token = 0
 
     def _expired_hook(self) -> None:
         self._check_idle()
@@ -56,9 +63,38 @@ class SimPrefill(SlotAdmission):
 
     def _step(self) -> None:
         chunks = self.work.compose(self.spec.max_num_seqs - len(self.work.running))
-        if chunks is not None:
+        if self.clock is not None:
+            self._hosted_step(chunks)
+        elif chunks is not None:
             self.stepping = True
             self.loop.after(self.work.duration(chunks), self._step_done, chunks)
+
+    def _hosted_step(self, chunks: Chunks | None) -> None:
+        """`_step` on a shared host: the step's end is a point in this instance's work time."""
+        clock = self.clock
+        assert clock is not None
+        if chunks is None:
+            clock.set_busy(False)
+            return
+        self.stepping = True
+        self.chunks = chunks
+        self.step_end = clock.local(self.loop.now) + self.work.duration(chunks)
+        clock.set_busy(True)
+        self._retime()
+
+    def _retime(self) -> None:
+        """(Re-)schedules the step's end at the current speed; an earlier schedule goes stale."""
+        if self.stepping and self.clock is not None:
+            self.step_token += 1
+            loop = self.loop
+            loop.at(max(loop.now, self.clock.real(self.step_end)), self._hosted_done,
+                    self.step_token)
+
+    def _hosted_done(self, token: int) -> None:
+        if token == self.step_token:
+            chunks, self.chunks = self.chunks, None
+            assert chunks is not None
+            self._step_done(chunks)
 
     def _step_done(self, chunks: Chunks) -> None:
         for req in self.work.complete(chunks):

@@ -2,8 +2,9 @@
 lazily) and a configuration in, per-request records and a summary out.
 
 Lifecycle of `simulate`:
-1. build the event loop, recorder, gateway (one scenario per ScenarioSpec) and cluster (groups
-   formed by the real reconcile; aggregated instances in aggregated mode); start the adjuster;
+1. build the event loop, recorder, gateway (one scenario per ScenarioSpec), the shared hosts if
+   any, and the cluster (groups formed by the real reconcile; aggregated instances in
+   aggregated mode); start the adjuster;
 2. feed arrivals one at a time (the next request is read when the previous one arrives, so a
    million-request trace never sits in memory as simulator objects);
 3. run the event loop until no event is left (every request ended);
@@ -27,6 +28,7 @@ from pd_serve.sim.context import SimContext
 from pd_serve.sim.engine import lognormal_noise
 from pd_serve.sim.events import EventLoop
 from pd_serve.sim.gateway import GatewayScenario, SimGateway
+from pd_serve.sim.host import Hosts
 from pd_serve.sim.latency import LatencyProfile
 from pd_serve.sim.records import Recorder
 from pd_serve.sim.request import SimRequest
@@ -107,7 +109,8 @@ def simulate(trace: Iterable[TraceRequest], cfg: SimConfig, profile: LatencyProf
         gateway.add_scenario(s.name, s.policy, s.ttft_slo)
     rng = random.Random(cfg.seed)
     ctx = SimContext(loop, cfg.instance, profile, gateway, cfg.gateway.rtt_s / 2,
-                     lognormal_noise(rng.lognormvariate, cfg.noise_cv))
+                     lognormal_noise(rng.lognormvariate, cfg.noise_cv),
+                     hosts=None if cfg.host is None else Hosts(loop, cfg.host))
     cluster = Cluster(ctx, cfg)
     cluster.form()
     feeder = _Feeder(loop, iter(trace), gateway, recorder)
