@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from pd_device.controller import ControllerConfig, next_display_time
+from pd_device.controller import ControllerConfig, next_display_time, prefill_eta_s
 from pd_device.report import DisplayEvent
 from pd_device.session import Session
 from pd_serve.engine.output_text import OutputText
@@ -73,8 +73,13 @@ class Display:
                     continue
                 if self._ctrl is None:
                     return token
-                due = next_display_time(s.controller_state(i, last, now), self._ctrl)
+                state = s.controller_state(i, last, now)
+                due = next_display_time(state, self._ctrl)
                 if due is None or due <= now:
+                    s.note("show", index=i, source=token[1], buffered=state.buffered,
+                           to_prefill=state.to_prefill, expected=state.cloud_expected,
+                           eta_s=prefill_eta_s(state), prefill_tps=state.prefill_tps,
+                           local_started=state.local_started)
                     return token
                 s.cond.wait(due - now)  # woken early when the state changes
 

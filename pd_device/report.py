@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 REPORT_MODES = ("pd_device", "device_only", "cloud_only", "fallback_device_only")
 
@@ -47,6 +48,7 @@ class RequestReport:
     finish_reason: str | None = None
     reason: str | None = None
     e2e_s: float = 0.0
+    trace: list[dict[str, Any]] = field(default_factory=list)  # Session.note events, t from 0
 
     @property
     def token_ids(self) -> list[int]:

@@ -236,7 +236,8 @@ def _report(req: _Request, now: float) -> RequestReport:
         cloud_tokens_received=len(s.cloud), local_prefill_tokens=s.prefill_tokens,
         prefill_tps=s.prefill_tps, decode_step_s=s.decode_step_s,
         finish_reason=req.display.finish_reason or "abort", reason=s.reason or s.cloud_failure,
-        e2e_s=now - req.t0)
+        e2e_s=now - req.t0,
+        trace=[{**e, "t": e["t"] - req.t0} for e in s.trace])
 
 
 def _nothing() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from pd_device.client import CloudFailure, StreamEvent
 from pd_device.controller import ControllerState
@@ -69,6 +70,13 @@ class Session:
         self.prefill_time = 0.0
         self._prior_tps = prefill_tps
         self.decode_step_s = decode_step_s
+        self.trace: list[dict[str, Any]] = []  # timed events for the report (monotonic `t`)
+
+    def note(self, kind: str, **fields: Any) -> None:
+        """Records a timed event of this request (cloud arrivals, chunks, hand-over, display
+        decisions) for the report; cheap, so always on."""
+        with self.cond:
+            self.trace.append({"t": time.monotonic(), "kind": kind, **fields})
 
     # ----- cloud stream thread ---------------------------------------------------------------
 
@@ -97,6 +105,7 @@ class Session:
         self.cloud.append(token_id)
         self.cloud_times.append(time.monotonic())
         n = len(self.cloud)
+        self.note("cloud", index=n - 1)
         self.cloud_finish.append("stop" if finish_reason == "stop"
                                  else "length" if n >= self.max_tokens else None)
 
@@ -107,6 +116,7 @@ class Session:
             self._fail(f"cloud sent invalid keep indices for a {n}-token prompt")
             return
         self.refined = list(keep)
+        self.note("refined", kept=len(keep))
 
     def _fail(self, message: str) -> None:
         self.cloud_failure = message

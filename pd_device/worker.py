@@ -174,6 +174,7 @@ class DeviceWorker:
     def _hand_over(self, seq: list[int], cut: int) -> _Action:
         s = self._s
         s.cut_at(cut, tail=max(len(seq) - s.computed, 1))
+        s.note("handover", cut=cut, tail=s.tail, seq=len(seq))
         self._cancel_cloud()
         if s.max_tokens - cut <= 0:
             return _STOP
@@ -204,6 +205,8 @@ class DeviceWorker:
                     cached = out.cached_tokens
         if not compiled:  # a graph compile says nothing about the device's speed
             self._s.record_prefill(len(seq) - cached, seconds)
+        self._s.note("chunk", tokens=len(seq) - cached, upto=len(seq), seconds=seconds,
+                     compiled=compiled)
         with self._s.cond:
             self._s.computed = len(seq)
             self._s.cond.notify_all()
@@ -226,6 +229,8 @@ class DeviceWorker:
                 if out.new_token_ids and first:
                     if not compiled:
                         self._s.record_prefill(len(seq) - out.cached_tokens, seconds)
+                    self._s.note("first_local", tokens=len(seq) - out.cached_tokens,
+                                 seconds=seconds, compiled=compiled)
                     first = False
                 elif out.new_token_ids and not new_graph:
                     self._s.record_decode(dt)

@@ -173,7 +173,20 @@ def serve_one(rt: Any, item: WorkItem, mode: str, settings: Settings) -> dict[st
             "refined_tokens": r.refined_tokens, "reason": r.reason, "wall_s": wall,
             "token_ids": [e.token_id for e in shown],
             "sources": "".join("c" if e.source == "cloud" else "d" for e in shown),
-            "settings": vars(settings)}
+            "settings": vars(settings), **handover_trace(r.trace)}
+
+
+def handover_trace(trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run-up to the hand-over: the runtime's events until the first device token is
+    shown, and the catch-up they measure (first cloud token's arrival -> first device token
+    made, the time the planner predicts)."""
+    upto = next((i for i, e in enumerate(trace)
+                 if e["kind"] == "show" and e["source"] == "local"), len(trace) - 1)
+    head = trace[:upto + 1]
+    first = next((e["t"] for e in head if e["kind"] == "cloud" and e["index"] == 0), None)
+    local = next((e["t"] for e in head if e["kind"] == "first_local"), None)
+    return {"events": head, "catchup_s": None if first is None or local is None
+            else local - first}
 
 
 def runtimes(args: argparse.Namespace, url: str, runner: Any) -> Callable[[], Any]:
@@ -216,7 +229,8 @@ def run_serving(args: argparse.Namespace, url: str, items: list[WorkItem], plans
                       f"handover={row['handover_index']}", flush=True)
                 if rep == 1:
                     rows.append({"request": i, "trace": it.trace, "input_len": it.input_len,
-                                 "output_len": it.output_len, **row})
+                                 "output_len": it.output_len, **row,
+                                 "predicted_catchup_s": plan.handover_s})
     return rows
 
 

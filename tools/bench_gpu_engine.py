@@ -2,9 +2,10 @@
 HBM and matmul ceilings measured in the same run and transformers on the same weights.
 
 Measures (CUDA events, warm-up calls, medians):
-(a) decode step (`decode_argmax`) at each batch x context with CUDA graphs, then eager, against
-    the HBM floor (weight bytes + KV bytes read per step) / measured copy bandwidth; decode
-    attention variants (flex, torch) at the largest context;
+(a) decode step (`decode_argmax`) at each batch x context with CUDA graphs and the fused layer
+    ops, then eager, against the HBM floor (weight bytes + KV bytes read per step) / measured
+    copy bandwidth; decode attention variants (flex, torch) at the largest context; graphs and
+    a 1-prompt prefill without the fused ops (the unfused baseline);
 (b) prefill (`prefill_argmax`) of fresh prompts, MFU against a measured bf16 matmul;
 (c) transformers' LlamaForCausalLM with the same generated weights (skipped if missing);
 (d) the LLMEngine step loop (scheduler + runner) decode throughput at batch 32.
@@ -82,7 +83,7 @@ def build_runner(model_dir: str, args: argparse.Namespace) -> TorchRunner:
                * -(-args.prefill_tokens // bs), args.engine_batch * -(-(512 + 64) // bs))
     max_len = max(*args.contexts, args.prefill_tokens, 512 + args.engine_steps + 32)
     sizes = tuple(b for b in (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64) if b < top) + (top,)
-    opts = TorchOptions(fast=True, graph_batch_sizes=sizes)
+    opts = TorchOptions(fast=True, graph_batch_sizes=sizes, fused=True)
     return TorchRunner(RunnerConfig(model_dir, backend="torch", device=args.device,
                                     dtype="bfloat16", block_size=bs, num_blocks=need + 8,
                                     max_model_len=max_len), opts)
@@ -104,12 +105,12 @@ def measure_ours(runner: TorchRunner, model_dir: str, args: argparse.Namespace,
     res["weight_bytes"] = wbytes
     res["decode_graphs"] = decode_grid(runner, args.batches, args.contexts, args.iters, floor)
     default_opts = runner.options
-    runner.reconfigure(TorchOptions(fast=True, cuda_graphs=False))
+    runner.reconfigure(TorchOptions(fast=True, cuda_graphs=False, fused=True))
     res["decode_eager"] = decode_grid(runner, args.batches, args.contexts, args.iters, floor)
     res["decode_attention"] = {}
     for name in args.attention:
         try:
-            runner.reconfigure(TorchOptions(fast=True, decode_attention=name,
+            runner.reconfigure(TorchOptions(fast=True, decode_attention=name, fused=True,
                                             graph_batch_sizes=(1, 32)))
             runner.warmup()
             res["decode_attention"][name] = decode_grid(

@@ -122,10 +122,11 @@ def measure(args: argparse.Namespace, work: Path, base: LatencyProfile) -> dict[
         real["capacity"] = measure_capacity(dep, args, work, waits)
         capacity = real["capacity"]["req_per_s"]
         print(f"capacity {capacity:.3f} req/s", flush=True)
-        loads = list(args.loads) + ([max(args.loads)] if args.repeat else [])
+        # rounds over every rate (not every rate twice in a row): a slow drift of the machine
+        # then spreads over the rates instead of biasing one
         real["runs"] = [measure_rate(dep, args, work, waits, load, capacity,
-                                     f"load{load:g}" + ("-repeat" if i >= len(args.loads) else ""))
-                        for i, load in enumerate(loads)]
+                                     f"load{load:g}-r{rnd + 1}")
+                        for rnd in range(args.repeats) for load in args.loads]
     finally:
         dep.stop()
     real["load_avg_end"] = load_avg()
@@ -257,8 +258,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--scale-factor", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tolerance", type=float, default=0.15)
-    ap.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=True,
-                    help="run the highest load twice (real run-to-run spread)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="real runs per rate (same requests, same arrival times), in rounds "
+                         "over the rates; the simulator is compared with their mean and each")
     ap.add_argument("--reprofile", choices=("auto", "always", "never"), default="auto")
     ap.add_argument("--max-wait-s", type=float, default=900.0)
     ap.add_argument("--wait-for", type=lambda v: v.split(","), default=["bench_orchestrator"],
@@ -266,7 +268,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run (about 3 minutes)")
     args = ap.parse_args()
     if args.quick:
-        args.loads, args.window_s, args.min_requests, args.repeat = [0.3, 0.85], 25.0, 15, False
+        args.loads, args.window_s, args.min_requests, args.repeats = [0.3, 0.85], 25.0, 15, 1
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     return args
 
 

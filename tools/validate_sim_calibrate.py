@@ -8,13 +8,19 @@ one rate. Nothing here is fitted to the validation runs.
 * per-step decode overhead: steady step time minus the profile's, fitted a + b*B on relative
   error, non-negative (added to the decode model by `with_decode_overhead`);
 * profile check: lone prefills and the batch of 16 at context ~1,100 against the model;
-* co-location: f_d = decode step slowdown under a prefill loop; under decode load
-  TTFT(n) = rtt_loaded + f_p x prefill(n) from the short and the long prompt.
+* co-location: under decode load TTFT(n) = rtt_loaded + f_p x prefill(n) from the short and
+  the long prompt (each prefill lies inside the decode batch's steady window: fully overlapped,
+  which is what the host model's f_p means); f_d = 1 + (s - 1) / duty, s the decode step
+  slowdown under the prefill loop and duty the fraction of that window in which the loop's
+  prefills computed (the host model slows decode only while prefill computes).
 
-`calibrated_sim` runs `pd-serve sim run` with co-location as mean-field terms (the simulator
-gives every instance its own cores): prefill steps x k_p = 1 + (f_p - 1) u_d, decode steps
-x k_d = 1 + (f_d - 1) u_p, RTT = rtt + (rtt_loaded - rtt) u_d, with u_p, u_d the busy
-fractions of the simulated run (`busy_fractions`), iterated to a fixed point (at most 6 runs).
+`hosted_sim` runs `pd-serve sim run` with both instances on one shared host
+(`--host-size 2 --host-prefill-factor f_p --host-decode-factor f_d`, pd_serve.sim.host): a
+step stretches only while the other instance computes. `mean_field_sim`, the earlier
+approximation kept for comparison, scales every step by the mean slowdown instead: prefill
+steps x k_p = 1 + (f_p - 1) u_d, decode steps x k_d = 1 + (f_d - 1) u_p, RTT = rtt +
+(rtt_loaded - rtt) u_d, with u_p, u_d the busy fractions of the simulated run
+(`busy_fractions`), iterated to a fixed point (at most 6 runs).
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ def calibrate(probes: dict[str, Any], prof: LatencyProfile) -> dict[str, Any]:
     rtt = float(max(0.0, med(over)))
     a, b_, per_b = decode_overhead(probes["decode_ctx64"], prof)
     check = profile_check(probes, prof, with_decode_overhead(prof, a, b_), rtt)
-    colocation, rtt_loaded = colocation_factors(probes["colocation"], prof)
+    colocation, rtt_loaded = colocation_factors(probes["colocation"], prof, rtt)
     return {
         "rtt_bare_ms": 1000 * probes["rtt_bare_s"], "rtt_ms": 1000 * rtt,
         "rtt_loaded_ms": 1000 * max(rtt, rtt_loaded),
@@ -133,7 +139,7 @@ def profile_check(probes: dict[str, Any], prof: LatencyProfile, calibrated: Late
             "decode_rel_err": d_model / big["step_s"] - 1}
 
 
-def colocation_factors(col: dict[str, Any], prof: LatencyProfile,
+def colocation_factors(col: dict[str, Any], prof: LatencyProfile, rtt: float,
                        ) -> tuple[dict[str, Any], float]:
     """(f_p, f_d and what they came from, rtt_loaded in s) from the co-location probe."""
     f_d = float(med([s["step_s"] for s in col["decode_with_prefill"]])
@@ -146,13 +152,53 @@ def colocation_factors(col: dict[str, Any], prof: LatencyProfile,
     m_s, m_l = (_lone_ttft_rtt0(prof, n) for n in (n_s, n_l))
     f_p = (t_l - t_s) / (m_l - m_s)
     rtt_loaded = t_s - f_p * m_s
+    duty = prefill_duty(col.get("prefill_loops", []), prof, max(1.0, f_p), rtt)
+    f_d_host = 1 + (f_d - 1) / duty if duty else f_d
     return {"f_p": max(1.0, f_p), "f_d": max(1.0, f_d), "f_p_measured": f_p,
-            "f_d_measured": f_d, "rtt_loaded_measured_ms": 1000 * rtt_loaded,
+            "f_d_measured": f_d, "prefill_duty": duty, "f_d_host_measured": f_d_host,
+            "f_d_host": max(1.0, f_d_host), "rtt_loaded_measured_ms": 1000 * rtt_loaded,
             "prefill_loaded_ttft_ms": {n_s: 1000 * t_s, n_l: 1000 * t_l},
             "prefill_samples": {n: len(ts) for n, ts in pre.items()}}, rtt_loaded
 
 
-# ----- the calibrated simulation of one rate ---------------------------------------------------
+def prefill_duty(loops: list[dict[str, Any]], prof: LatencyProfile, f_p: float, rtt: float,
+                 ) -> float | None:
+    """Fraction of the decode batch's steady windows in which the prefill loop computed: each
+    prefill ends half an RTT before its first token reaches the client and took f_p x the
+    profile's time (None for probes recorded before the loops were)."""
+    busy = total = 0.0
+    lone = {n: _lone_ttft_rtt0(prof, n) for n in {int(p["prompt"]) for lp in loops
+                                                  for p in lp["prefills"]}}
+    for loop in loops:
+        window = loop["window_s"]
+        total += window
+        for p in loop["prefills"]:
+            end = p["sent_s"] + p["ttft_s"] - rtt / 2
+            start = end - f_p * lone[int(p["prompt"])]
+            busy += max(0.0, min(end, window) - max(start, 0.0))
+    return busy / total if total > 0 else None
+
+
+# ----- the calibrated simulations of one rate -------------------------------------------------
+
+def hosted_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], work: Path,
+               tag: str) -> dict[str, Any]:
+    """The simulation with both instances on one shared host (pd_serve.sim.host)."""
+    dov = cal["decode_overhead"]
+    prof = with_decode_overhead(base, dov["intercept_ms"] / 1000, dov["per_seq_ms"] / 1000)
+    col = cal["colocation"]
+    f_p, f_d = col["f_p"], col.get("f_d_host", col["f_d"])
+    prof = replace(prof, provenance={**prof.provenance, "calibration": {
+        "decode_overhead_ms": [dov["intercept_ms"], dov["per_seq_ms"]], "host": [f_p, f_d]}})
+    path = work / f"profile_host_{tag}.json"
+    prof.save(path)
+    out = sim_run(path, args, cal["rtt_ms"], work / f"simhost_{tag}.json",
+                  work / f"simhost_{tag}.jsonl", ["--host-size", "2", "--host-prefill-factor",
+                                                  f"{f_p:.4f}", "--host-decode-factor",
+                                                  f"{f_d:.4f}"])
+    out.update(f_p=f_p, f_d=f_d, rtt_ms=cal["rtt_ms"])
+    return out
+
 
 def _union(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, -np.inf
@@ -180,9 +226,9 @@ def busy_fractions(recs: list[dict[str, Any]], prof: LatencyProfile, k_p: float,
     return _union(pre) / span, _union(dec) / span
 
 
-def calibrated_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], work: Path,
+def mean_field_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], work: Path,
                    tag: str) -> dict[str, Any]:
-    """The calibrated simulation of one rate: co-location factors iterated to a fixed point."""
+    """The mean-field simulation of one rate: co-location factors iterated to a fixed point."""
     rtt0, rtt1 = cal["rtt_ms"], cal["rtt_loaded_ms"]
     rtt_ms = rtt0
     dov = cal["decode_overhead"]

@@ -187,15 +187,16 @@ def compact(result: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 def sim_run(profile: Path, args: list[str], rtt_ms: float, result: Path, records: Path,
-            ) -> dict[str, Any]:
-    """`pd-serve sim run` of the 1:1 deployment in `SHAPE`; its vLLM-style metrics and records."""
+            extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """`pd-serve sim run` of the 1:1 deployment in `SHAPE` (plus `extra` options); its
+    vLLM-style metrics and records."""
     cmd = [PY, "-m", "pd_serve", "sim", "run", "--profile", str(profile), *args,
            "--groups", "1:1", "--b-p", str(SHAPE["b_p"]),
            "--max-num-seqs", str(SHAPE["max_num_seqs"]),
            "--max-num-batched-tokens", str(SHAPE["max_num_batched_tokens"]),
            "--kv-blocks", str(SHAPE["num_blocks"]), "--block-size", str(SHAPE["block_size"]),
            "--rtt-ms", f"{rtt_ms:.3f}", "--vllm-metrics", "--result", str(result),
-           "--records", str(records)]
+           "--records", str(records), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"sim run failed ({proc.returncode}): {proc.stderr[-2000:]}")

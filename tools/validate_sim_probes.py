@@ -146,6 +146,9 @@ def colocation_probe(url: str, reps: int) -> dict[str, Any]:
     alone: list[dict[str, Any]] = []
     loaded: list[dict[str, Any]] = []
     pre: dict[str, list[float]] = {str(n): [] for n in COLOC_PREFILL}
+    # every prefill of the loop against the decode batch's steady window (seconds from its
+    # start): how much of the window prefill computed, which a host model's f_d needs
+    loops: list[dict[str, Any]] = []
     batch = [(COLOC_DECODE[0], COLOC_DECODE[1])] * COLOC_DECODE[2]
     for _ in range(reps):
         alone.append(steady_steps(send_load(url, batch)))
@@ -153,9 +156,12 @@ def colocation_probe(url: str, reps: int) -> dict[str, Any]:
         check(d)
         loaded.append(steady_steps(d))
         a, b = steady_window(d)
+        loops.append({"window_s": b - a, "prefills": []})
         for p in ps:
             check(p)
             r = p.records[0]
+            loops[-1]["prefills"].append({"prompt": r.input_len, "ttft_s": ttft(r),
+                                          "sent_s": p.started_unix + r.send_s - a})
             if a <= p.started_unix + r.send_s and p.started_unix + ttft(r) + r.send_s <= b:
                 pre[str(r.input_len)].append(ttft(r))
     return {"decode_batch": f"{COLOC_DECODE[2]} x ({COLOC_DECODE[0]} prompt, "
@@ -163,4 +169,4 @@ def colocation_probe(url: str, reps: int) -> dict[str, Any]:
             "prefill_loop": f"prompts of {COLOC_PREFILL} tokens in turn, 1 "
                             "output token, back to back",
             "decode_alone": alone, "decode_with_prefill": loaded,
-            "prefill_with_decode_ttft_s": pre}
+            "prefill_with_decode_ttft_s": pre, "prefill_loops": loops}

@@ -96,7 +96,7 @@ def test_fast_bf16_close_to_reference(model_dir: Path, variant: str) -> None:
     plain = workload(make(model_dir, "bfloat16", TorchOptions(fast=False)))
     runner = make(model_dir, "bfloat16", TorchOptions(
         fast=True, decode_attention=attention, graph_batch_sizes=(1, 2, 4, 8),
-        graph_contexts=(64, 256), fused=False if unfused else None))
+        graph_contexts=(64, 256), fused=not unfused))
     assert runner.fast is not None and (runner.fast.ops is None) == bool(unfused)
     try:
         runner.warmup()

@@ -40,14 +40,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=["torch", "flex", "triton", "triton-unfused"])
 def runners(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[Pair]:
     """(plain, fast) runners; the fast one with the given decode attention and, unless
-    "-unfused", the fused layer ops (their torch references on CPU)."""
+    "-unfused", the fused layer ops (their torch references on CPU; the tiny model's head dim
+    is a power of two, so they cover it)."""
     cfg = RunnerConfig(str(model_dir), backend="torch", block_size=16, num_blocks=BLOCKS,
                        max_model_len=512)
     attention, _, unfused = request.param.partition("-")
     plain = TorchRunner(cfg, TorchOptions(fast=False))
     fast = TorchRunner(cfg, TorchOptions(fast=True, decode_attention=attention,
                                          graph_batch_sizes=(1, 2, 4), graph_contexts=(64, 128),
-                                         fused=False if unfused else None))
+                                         fused=not unfused))
     assert plain.fast is None and fast.fast is not None
     assert (fast.fast.ops is None) == bool(unfused)
     yield plain, fast
@@ -181,7 +182,9 @@ def test_options_env_and_buckets() -> None:
     with mock.patch.dict(os.environ, env):
         opts = TorchOptions.from_env()
     assert opts.fast is True and opts.cuda_graphs is False and opts.decode_attention == "flex"
-    assert opts.fused is False and TorchOptions.from_env().fused is None
+    assert opts.fused is False and TorchOptions().fused is False
+    with mock.patch.dict(os.environ, {"PD_SERVE_TORCH_FUSED": "1"}):
+        assert TorchOptions.from_env().fused is True
     assert opts.graph_batch_sizes == (1, 2, 4, 8, 16, 20)
     with mock.patch.dict(os.environ, {"PD_SERVE_TORCH_GRAPHS": "yes"}):
         with pytest.raises(ValueError, match="PD_SERVE_TORCH_GRAPHS"):

@@ -5,7 +5,7 @@ Prefill packs every sequence's new tokens into one token stream, so the projecti
 matmul over N tokens without padding; attention runs per sequence (`attention.py`). Decode
 writes the new token's K/V into its slot on the device (index_copy_, no host sync) and reads
 the context through the paged kernel; the step runs on static buffers (`cuda_graphs.py`).
-With `pd_kernels` present (and a model it covers) both run the fused layer stack
+With `TorchOptions.fused` (and pd_kernels covering the model) both run the fused layer stack
 (`fused_layers.py`), whose rope kernel also writes the cache.
 
 Lifecycle: 1. built by the runner over its decoder and KV cache; 2. `warmup()` runs one prefill
@@ -82,7 +82,7 @@ class FastPath:
         self.device = kv_blocks.device
         self.attn = make_decode_attention(opts.decode_attention, self.device, kernels)
         # the fused layer ops need pd_kernels and a model the fused stack covers
-        self.ops = kernels if supports_fused(model) and opts.fused is not False else None
+        self.ops = kernels if opts.fused and supports_fused(model) else None
         cols = tuple(sorted({-(-c // self.block_size) for c in
                              context_buckets(opts, max_model_len)}))
         lay = Layout(self.block_size, self.scratch_block, max_model_len, mc.vocab_size)

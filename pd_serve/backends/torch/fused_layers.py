@@ -23,8 +23,10 @@ FusedAttend = Callable[[int, torch.Tensor, "torch.Tensor | None", torch.Tensor],
 
 
 def supports_fused(model: TorchDecoder) -> bool:
-    """Whether the fused stack covers this model (not Qwen3's per-head q/k norms)."""
-    return not model.cfg.qk_norm and model.cfg.head_dim % 2 == 0
+    """Whether the fused stack covers this model: no per-head q/k norms (Qwen3), and a head dim
+    that is a power of two (the rope kernel spans a head, and Triton ranges must)."""
+    dim = model.cfg.head_dim
+    return not model.cfg.qk_norm and dim >= 2 and dim & (dim - 1) == 0
 
 
 def run_layers_fused(model: TorchDecoder, ops: ModuleType, token_ids: torch.Tensor,
