@@ -14,10 +14,12 @@ class DeviceConfig:
     """How one device runs. Invalid values raise ValueError naming the field.
 
     `threads` limits the host threads of the model (1 or 2 play a phone-class CPU); `slowdown`
-    stretches every engine step by sleeping (slowdown - 1) times its duration, to emulate a
-    slower device with the small demo model (1.0: none). `cloud_url` is the gateway's base URL
-    (None: device-only). `model_name` is the id the gateway serves (default: the model
-    directory's name). `ttft_target_s`: no first cloud token by then -> device-only.
+    stretches every engine step by sleeping (slowdown - 1) times its own work (the smaller of its
+    wall time and the process's CPU time, so time lost to other processes on a shared host is
+    not multiplied), to emulate a slower device with the small demo model (1.0: none).
+    `cloud_url` is the gateway's base URL (None: device-only). `model_name` is the id the
+    gateway serves (default: the model directory's name). `ttft_target_s`: no first cloud
+    token by then -> device-only.
     `max_gap_s`: the speed controller's bound on the gap between two shown tokens.
     `chunk_max_tokens` bounds one local prefill chunk (the device re-plans between chunks).
     `warmup_context`: static-shape backends (MindSpore) compile their decode graphs for contexts

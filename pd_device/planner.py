@@ -11,11 +11,16 @@ which is the worst case because every profile curve is nondecreasing in tokens):
   c = max(cloud TPOT, token event bytes / bandwidth);
 * the controller shows cloud token k (1..N) at T1 + k * pace (pace >= c, so it never runs dry);
 * the device prefills the refined prompt plus the first and the N cloud tokens (K + N + 1
-  tokens) and has its first own token at T1 + Tr + D(K + N + 1) (+ `margin_s`), D = device
-  prefill time; it then decodes one token per device decode step.
+  tokens) in the steps the worker runs (`catchup_steps`: a first chunk of whole blocks while
+  cloud tokens are still expected, then the hand-over request in steps of at most the chunk
+  size) and has its first own token (sampled by the hand-over step) at T1 + H, with the
+  catch-up H = (Tr + sum of D(step)) (1 + `margin_frac`) + `margin_s`, D = the device's
+  prefill step time (profiled as a high percentile of engine steps, not the mean); it then
+  decodes one token per device decode step (profiled the same way).
 Constraints: TTFT = T1 <= target; every gap <= max TPOT, i.e. pace <= max TPOT, decode step <=
-max TPOT and the hand-over gap Tr + D(K + N + 1) + margin - N * pace <= max TPOT (the device
-catches up before the N cloud tokens run out at the chosen pace); quality(rho) >= floor.
+max TPOT and the hand-over gap H - N * pace <= max TPOT (the device catches up before the N
+cloud tokens run out at the chosen pace); quality(rho) >= floor, where the quality curve holds
+lower confidence bounds (pd_device.profiles).
 Cloud occupancy of a P/D-Device request = cloud TTFT(P) + N * cloud TPOT (its prefill plus N
 decode steps); device-only costs 0 and cloud-only the whole output (infinite here, as the
 class has no output length).
@@ -82,7 +87,9 @@ class Targets:
 class Grid:
     """The search space and the link model's message sizes (bytes): candidate rhos (must
     include 1.0), paces (max TPOT itself is always a candidate), N <= n_max, the refine window
-    W, a safety margin added to the device's catch-up time (chunked prefill overhead), and
+    W, the device's prefill chunking (`chunk_max_tokens`, `block_size`: as DeviceConfig, so
+    the catch-up is costed in the steps the worker runs), safety margins on the predicted
+    catch-up (`margin_frac` of it plus `margin_s`: scheduling, measurement spread), and
     whether device-only may be chosen when it meets the targets (False: P/D-Device whenever
     it is feasible, e.g. to evaluate it; device-only stays the fallback for a slow cloud)."""
 
@@ -91,6 +98,9 @@ class Grid:
     n_max: int = 512
     refine_window: int = 32
     margin_s: float = 0.0
+    margin_frac: float = 0.0
+    chunk_max_tokens: int = 256
+    block_size: int = 16
     request_bytes: float = 600.0  # JSON envelope of the assist request
     bytes_per_prompt_token: float = 6.0  # one id in a JSON list
     bytes_per_index: float = 6.0  # one keep index in the `refined` event
@@ -106,6 +116,10 @@ class Grid:
             raise ValueError(f"n_max and refine_window must be >= 0, got {self.n_max}, "
                              f"{self.refine_window}")
         finite_number(self.margin_s, "margin_s")
+        finite_number(self.margin_frac, "margin_frac")
+        if self.block_size < 1 or self.chunk_max_tokens < self.block_size:
+            raise ValueError(f"need 1 <= block_size <= chunk_max_tokens, got "
+                             f"{self.block_size}, {self.chunk_max_tokens}")
 
 
 DEFAULT_GRID = Grid()
@@ -148,11 +162,39 @@ def token_interval_s(cls: RequestClass, profiles: Profiles, grid: Grid = DEFAULT
     return max(profiles.cloud.tpot_s, _transfer_s(grid.token_event_bytes, cls.bandwidth_bps))
 
 
+def catchup_steps(kept: int, n: int, chunk_max: int, block: int) -> list[int]:
+    """Tokens of each device step from the refined prompt's arrival to the first own token,
+    as pd_device.worker runs them: while the cloud's n tokens are still expected, a chunk of
+    the whole blocks of the refined prompt + the first token (at most `chunk_max`); the rest
+    (with every cloud token) in the hand-over request, which the engine splits into steps of
+    at most `chunk_max`."""
+    steps, rest = [], kept + n + 1
+    if n > 0:
+        first = (min(kept + 1, chunk_max) // block) * block
+        if first >= block:
+            steps.append(first)
+            rest -= first
+    while rest > 0:
+        steps.append(min(rest, chunk_max))
+        rest -= steps[-1]
+    return steps
+
+
+def device_prefill_s(dev: DeviceProfile, tokens: int, grid: Grid = DEFAULT_GRID) -> float:
+    """The device's prefill of `tokens` in steps of at most `chunk_max_tokens` (device-only
+    TTFT)."""
+    full, rest = divmod(tokens, grid.chunk_max_tokens)
+    return full * dev.prefill_s(grid.chunk_max_tokens) + (dev.prefill_s(rest) if rest else 0.0)
+
+
 def catchup_s(cls: RequestClass, n: int, rho: float, grid: Grid = DEFAULT_GRID) -> float:
-    """Tr + D(K + n + 1) + margin: from T1 until the device has its first own token."""
+    """(Tr + sum of D(step) over `catchup_steps`) x (1 + margin_frac) + margin_s: from T1
+    until the device has its first own token (the hand-over step samples it)."""
     k = kept_tokens(cls.prompt_len_band[1], rho, grid.refine_window)
-    return (_transfer_s(k * grid.bytes_per_index, cls.bandwidth_bps)
-            + cls.device_speed.prefill_s(k + n + 1) + grid.margin_s)
+    work = sum(cls.device_speed.prefill_s(t) for t in
+               catchup_steps(k, n, grid.chunk_max_tokens, grid.block_size))
+    return ((_transfer_s(k * grid.bytes_per_index, cls.bandwidth_bps) + work)
+            * (1.0 + grid.margin_frac) + grid.margin_s)
 
 
 def pd_feasible(cls: RequestClass, profiles: Profiles, targets: Targets, n: int, rho: float,
@@ -184,7 +226,7 @@ def explain(cls: RequestClass, profiles: Profiles, targets: Targets,
     dev = cls.device_speed
     p = cls.prompt_len_band[1]
     t1 = cloud_first_s(cls, profiles, grid)
-    dev_ttft = dev.prefill_s(p)
+    dev_ttft = device_prefill_s(dev, p, grid)
     if grid.allow_device_only and dev_ttft <= targets.ttft_s and \
             dev.decode_step_s <= targets.max_tpot_s:
         return _device_only(dev, f"device alone meets the targets (TTFT {dev_ttft:.3f} s <= "
@@ -204,9 +246,10 @@ def explain(cls: RequestClass, profiles: Profiles, targets: Targets,
 
 def _search(cls: RequestClass, profiles: Profiles, targets: Targets,
             grid: Grid) -> tuple[int, float, float] | None:
-    """Smallest (occupancy, N, -rho, pace) over the grid, exploiting that the hand-over
-    condition only gets looser with a larger pace or a smaller rho, so the loosest pair decides
-    whether some setting with N tokens is feasible."""
+    """Smallest (occupancy, N, -rho, pace) over the grid: occupancy grows with N alone, so the
+    first N with any feasible setting wins, with its largest feasible rho; the hand-over
+    condition only gets looser with a larger pace, so the largest pace decides whether a
+    (N, rho) is feasible, and then the smallest pace that is feasible is taken."""
     rhos = sorted(r for r in set(grid.rhos) if profiles.quality(r) >= targets.quality_floor)
     paces = pace_candidates(targets, grid)
     if not rhos:
@@ -216,11 +259,9 @@ def _search(cls: RequestClass, profiles: Profiles, targets: Targets,
         return pd_feasible(cls, profiles, targets, n, rho, pace, grid)
 
     for n in range(grid.n_max + 1):
-        if not ok(n, rhos[0], paces[-1]):
-            continue
-        rho = next(r for r in reversed(rhos) if ok(n, r, paces[-1]))
-        pace = next(q for q in paces if ok(n, rho, q))
-        return n, rho, pace
+        rho = next((r for r in reversed(rhos) if ok(n, r, paces[-1])), None)
+        if rho is not None:
+            return n, rho, next(q for q in paces if ok(n, rho, q))
     return None
 
 

@@ -6,8 +6,11 @@ running maximum of the measured times: a longer prompt never takes less time in 
 measurement noise cannot make the planner prefer a longer prefill) and are extrapolated past
 their last point with the slope of their last segment; below their first point they hold the
 first time (a conservative floor). The quality curve always holds (1.0, 1.0) (keeping the whole
-prompt is the reference) and is 0.0 below its smallest measured rho: a refinement nobody
-measured is never trusted.
+prompt is the reference), is a step function (a rho gets the quality measured at the nearest
+measured rho at or below it: keeping more of the prompt is never credited with more than was
+measured) and is 0.0 below its smallest measured rho: a refinement nobody measured is never
+trusted. Its points are meant to be lower confidence bounds (tools/bench_device_lib.py,
+QUALITY_DEFINITION), so the planner's quality floor holds against the bound, not the mean.
 
 Files written by tools/profile_device.py load with `Profiles.load(path)`.
 """
@@ -136,9 +139,10 @@ class CloudProfile:
 
 @dataclass(frozen=True)
 class QualityCurve:
-    """Quality (1.0 = same as the full prompt) vs refinement ratio rho, from measured
-    (rho, quality) points; (1.0, 1.0) is always part of it (a measured point at 1.0 is
-    replaced by it) and rhos below the smallest measured one have quality 0.0."""
+    """Quality (1.0 = same as the full prompt) vs refinement ratio rho, a step function of
+    measured (rho, quality) points (see the module docstring); (1.0, 1.0) is always part of it
+    (a measured point at 1.0 is replaced by it) and rhos below the smallest measured one have
+    quality 0.0."""
 
     raw: tuple[Point, ...] = ((1.0, 1.0),)
     _xs: tuple[float, ...] = field(init=False, repr=False, compare=False)
@@ -157,9 +161,8 @@ class QualityCurve:
         object.__setattr__(self, "_ys", tuple(y for _, y in pts))
 
     def __call__(self, rho: float) -> float:
-        if rho < self._xs[0]:
-            return 0.0
-        return _interp(self._xs, self._ys, float(rho), extrapolate=False)
+        i = bisect.bisect_right(self._xs, float(rho))
+        return 0.0 if i == 0 else self._ys[i - 1]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from pd_device.display import Display
 from pd_device.report import DisplayEvent, RequestReport
 from pd_device.session import Session
 from pd_device.settings import Settings
-from pd_device.worker import DeviceWorker
+from pd_device.worker import DeviceWorker, stretch_s
 from pd_serve.backends import create_runner
 from pd_serve.backends.base import ModelRunner, RunnerConfig
 from pd_serve.config import CacheConfig, SchedulerConfig
@@ -102,9 +102,10 @@ class DeviceRuntime:
         self.engine.add_request("warmup", prompt, params)
         times = []
         while self.engine.has_unfinished():
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), time.process_time()
             self.engine.step()
-            times.append((time.monotonic() - t0) * self.cfg.slowdown)
+            wall = time.monotonic() - t0
+            times.append(wall + stretch_s(wall, time.process_time() - c0, self.cfg.slowdown))
         self.prefill_tps = WARMUP_PROMPT_TOKENS / max(times[0], 1e-6)
         decode = times[1:] or times
         self.decode_step_s = sum(decode) / len(decode)

@@ -48,6 +48,7 @@ from bench_device_lib import (  # noqa: E402
     build_workload,
     held_out_tokens,
     measure_quality,
+    split_held_out,
 )
 from bench_device_report import finish  # noqa: E402
 
@@ -81,7 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--ttft-target", type=float, default=0.5)
     a("--max-tpot", type=float, default=0.1)
     a("--quality-floor", type=float, default=0.8)
-    a("--plan-margin", type=float, default=0.02, help="Grid.margin_s (chunked prefill)")
+    a("--plan-margin", type=float, default=0.02, help="Grid.margin_s (scheduling slack)")
+    a("--plan-margin-frac", type=float, default=0.15,
+      help="Grid.margin_frac: relative safety margin on the predicted catch-up")
+    a("--profile-repeats", type=int, default=5, help="device profile repeats per length")
+    a("--profile-quality-prompts", type=int, default=12,
+      help="quality profile prompts (held out from the evaluation's prompts)")
+    a("--profile-quality-output", type=int, default=32)
+    a("--profile-rhos", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.75])
     a("--planner-device-only", action="store_true",
       help="let the planner send requests device-only in the P/D-Device slot")
     a("--n-cloud", type=int, default=None, help="fixed N instead of the planner's")
@@ -100,29 +108,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.requests, args.max_output, args.max_model_len = 1, 24, 512
         args.rhos, args.quality_requests, args.quality_output = [0.5], 2, 16
         args.concurrency = 2
+        args.profile_quality_prompts, args.profile_quality_output = 4, 16
+        args.profile_rhos, args.profile_repeats = [0.3, 0.5], 3
     if args.out is None:
         args.out = Path(os.environ.get("OUT", "results")) / "device_eval.json"
     return args
 
 
 def measured_profiles(args: argparse.Namespace, client: AssistClient,
-                      text: list[int] | None) -> Profiles:
-    """Profiles measured now (device in this process, with the runtime's backend and threads;
-    quality on two corpus prompts), as tools/profile_device.py measures them."""
+                      prompts: list[list[int]]) -> tuple[Profiles, dict[str, Any]]:
+    """Profiles measured now, as tools/profile_device.py measures them: the device in this
+    process (the runtime's backend and threads; engine steps, the 90th percentile of
+    `--profile-repeats`), the cloud through the assist API, and quality on `prompts` (held out
+    from the evaluation's); returns them with the raw measurements."""
     from profile_device import measure_cloud, measure_device, profiles_of
 
     # a profiled prompt leaves room for its 9 (cloud) or more (device) output tokens
-    lengths = [n for n in (16, 64, 256, 512, 1024, 2048) if n <= args.max_model_len - 64]
+    lengths = [n for n in (16, 32, 64, 128, 256, 512, 1024, 2048)
+               if n <= args.max_model_len - 64]
     dev = measure_device(args.model, args.device_backend, args.device_threads, lengths,
-                         [min(200, args.max_model_len // 2)], 8, 2)
+                         [min(200, args.max_model_len // 2)], 16, args.profile_repeats)
     cloud = measure_cloud(client, lengths, 8, 0.5, 2)
     quality = None
-    if text is not None:
+    if prompts:
         runner = device_runner(args)
-        prompts = [text[:256], text[len(text) // 2:len(text) // 2 + 256]]
-        quality = measure_quality(runner, client, prompts, args.rhos, 16)
+        quality = measure_quality(runner, client, prompts, args.profile_rhos,
+                                  args.profile_quality_output)
         runner.close()
-    return profiles_of(dev, cloud, quality, args.device_slowdown, {"measured": "in the run"})
+    raw = {"device": dev, "cloud": cloud, "quality": quality}
+    return profiles_of(dev, cloud, quality, args.device_slowdown,
+                       {"measured": "in the run"}), raw
 
 
 def device_runner(args: argparse.Namespace) -> Any:
@@ -141,7 +156,8 @@ def plan_all(items: list[WorkItem], prof: Profiles,
     P/D-Device; the modes the unrestricted planner would pick come second). `--n-cloud` /
     `--rho` / `--pace` override the planner's choice."""
     targets = Targets(args.ttft_target, args.max_tpot, args.quality_floor)
-    grid = Grid(margin_s=args.plan_margin, n_max=args.max_output)
+    grid = Grid(margin_s=args.plan_margin, margin_frac=args.plan_margin_frac,
+                n_max=args.max_output)
     plans, free_modes = [], []
     for it in items:
         cls = RequestClass((it.input_len, it.input_len), 0.0, float("inf"), prof.device)
@@ -274,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     traces = dict(t.split("=", 1) for t in args.traces)
     text = held_out_tokens(args.model, args.corpus) if args.corpus.is_file() else None
+    profile_prompts, text = split_held_out(text, args.profile_quality_prompts)
     items, notes = build_workload({k: Path(v) for k, v in traces.items()}, args.requests,
                                   args.max_model_len, args.max_output, text, 1024, args.seed)
     cloud = None
@@ -287,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     try:
         client = AssistClient(url, args.model)
-        prof = Profiles.load(args.profiles) if args.profiles else \
-            measured_profiles(args, client, text)
+        prof, profile_raw = (Profiles.load(args.profiles), None) if args.profiles else \
+            measured_profiles(args, client, profile_prompts)
         plans, free_modes = plan_all(items, prof, args)
         runner = device_runner(args)
         rows = run_serving(args, url, items, plans, runner)
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         if cloud:
             cloud.stop()
     finish(args, items, notes, prof, plans, free_modes, rows, occupancy, quality,
-           time.time() - t_start)
+           time.time() - t_start, profile_raw)
 
 
 if __name__ == "__main__":

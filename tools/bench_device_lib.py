@@ -209,6 +209,27 @@ def held_out_tokens(model_dir: Path, corpus: Path) -> list[int]:
     return ids[int(len(ids) * (1.0 - HELD_OUT)):]
 
 
+PROFILE_PROMPT_LENS = (256, 512, 768)
+
+
+def split_held_out(text: list[int] | None,
+                   prompts: int) -> tuple[list[list[int]], list[int] | None]:
+    """(quality profile prompts, the rest): `prompts` consecutive windows of 256, 512, 768,
+    256, ... tokens from the start of the held-out text, and the text after them, which the
+    evaluation's prompts come from (so the planner's quality profile never saw them)."""
+    if text is None:
+        return [], None
+    out, at = [], 0
+    for i in range(prompts):
+        n = PROFILE_PROMPT_LENS[i % len(PROFILE_PROMPT_LENS)]
+        if at + n > len(text) // 2:
+            raise ValueError(f"{prompts} quality profile prompts need more than half of the "
+                             f"{len(text)} held-out tokens")
+        out.append(text[at:at + n])
+        at += n
+    return out, text[at:]
+
+
 def build_workload(traces: dict[str, Path], per_trace: int, max_model_len: int,
                    max_output: int, text_ids: list[int] | None, vocab: int,
                    seed: int) -> tuple[list[WorkItem], list[str]]:
@@ -292,7 +313,24 @@ QUALITY_DEFINITION = (
     "y_2..y_G) under the refined prompt, ppl_ratio = ppl / ppl under the full prompt; "
     "free_agreement / free_prefix = positionwise agreement / common-prefix share of the "
     "device's own greedy continuation after y_1 with y_2..y_G. quality(rho) for the planner = "
-    "mean agreement (the full prompt's agreement is the sanity check, ~1.0).")
+    "the one-sided 95% lower confidence bound of the mean agreement over prompts (Student t, "
+    "each prompt one sample: its tokens are not independent); the mean is reported beside it "
+    "(the full prompt's agreement is the sanity check, ~1.0).")
+
+# one-sided 95% Student t quantiles by degrees of freedom (1..30; the normal 1.645 beyond)
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782,
+        1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711,
+        1.708, 1.706, 1.703, 1.701, 1.699, 1.697)
+
+
+def lower_bound(values: Sequence[float]) -> float:
+    """One-sided 95% lower confidence bound of the mean of `values` (Student t); a single
+    value bounds nothing and gives 0.0."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.645
+    return max(0.0, float(np.mean(values)) - t * float(np.std(values, ddof=1)) / math.sqrt(n))
 
 
 def measure_quality(runner: ModelRunner, client: AssistClient, prompts: Sequence[Sequence[int]],
@@ -313,11 +351,14 @@ def measure_quality(runner: ModelRunner, client: AssistClient, prompts: Sequence
             s["ppl_ratio"] = s["ppl"] / full["ppl"]
             row["rhos"][str(rho)] = s
         rows.append(row)
-    curve = [[rho, _mean([r["rhos"][str(rho)]["agreement"] for r in rows])] for rho in rhos]
+    curve = [[rho, lower_bound([r["rhos"][str(rho)]["agreement"] for r in rows])]
+             for rho in rhos]
     summary = {str(rho): {k: _mean([r["rhos"][str(rho)][k] for r in rows])
                           for k in ("agreement", "ppl_ratio", "free_agreement", "free_prefix",
                                     "kept")} for rho in rhos}
+    for rho, lcb in curve:
+        summary[str(rho)]["agreement_lcb95"] = lcb
     summary["1.0"] = {k: _mean([r["full"][k] for r in rows])
                       for k in ("agreement", "free_agreement", "free_prefix")}
     return {"curve": curve, "summary": summary, "rows": rows, "output_tokens": g,
-            "definition": QUALITY_DEFINITION}
+            "prompts": len(prompts), "definition": QUALITY_DEFINITION}

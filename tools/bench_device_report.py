@@ -39,6 +39,12 @@ def mode_summary(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
         out["cloud_tokens_used_mean"] = sum(r["cloud_tokens_used"] for r in mine) / max(1,
                                                                                         len(mine))
         out["handover_index"] = [r["handover_index"] for r in mine]
+        pairs = [(r.get("predicted_catchup_s"), r.get("catchup_s")) for r in mine
+                 if r["report_mode"] == "pd_device"]
+        out["catchup_predicted_s"] = [p for p, _ in pairs]
+        out["catchup_actual_s"] = [a for _, a in pairs]
+        out["handover_gap_s"] = [r["gaps_s"][r["handover_index"] - 1] for r in mine
+                                 if r["report_mode"] == "pd_device" and r["handover_index"]]
     return out
 
 
@@ -89,7 +95,12 @@ def print_table(summary: dict[str, Any]) -> None:
     for m, s in summary["modes"].items():
         print(f"{m:<12}{_ms(s['ttft_p50_s']):>10}{_ms(s['ttft_p90_s']):>10}"
               f"{_ms(s['tpot_p50_s']):>10}{_ms(s['tpot_p99_s']):>10}{_ms(s['tpot_max_s']):>10}")
-    print(f"P/D-Device slot ran as: {summary['modes']['pd_device']['report_modes']}")
+    pd = summary["modes"]["pd_device"]
+    print(f"P/D-Device slot ran as: {pd['report_modes']}")
+    print("catch-up predicted / actual / hand-over gap (ms): " + ", ".join(
+        f"{_ms(p).strip()}/{_ms(a).strip()}" for p, a in
+        zip(pd["catchup_predicted_s"], pd["catchup_actual_s"])) +
+        f"; hand-over gaps {[round(g * 1e3) for g in pd['handover_gap_s']]}")
     c = summary["claim"]
     for q in ("p50", "p90"):
         red = c[f"ttft_reduction_{q}"]
@@ -146,10 +157,11 @@ def plot(result: dict[str, Any], path: Path) -> str:
 def finish(args: argparse.Namespace, items: list[WorkItem], notes: list[str], prof: Profiles,
            plans: list[Plan], free_modes: list[str], rows: list[dict[str, Any]],
            occupancy: dict[str, Any],
-           quality: dict[str, Any], elapsed_s: float) -> None:
+           quality: dict[str, Any], elapsed_s: float,
+           profile_raw: dict[str, Any] | None = None) -> None:
     """Writes the JSON to --out, prints the table and draws the plot."""
     summary = summarise(rows, occupancy, quality)
-    result = {
+    result: dict[str, Any] = {
         "provenance": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                        "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
                                    "python": platform.python_version()},
@@ -159,10 +171,11 @@ def finish(args: argparse.Namespace, items: list[WorkItem], notes: list[str], pr
         "workload": {"notes": notes, "items": [
             {"trace": it.trace, "source": it.source, "input_len": it.input_len,
              "output_len": it.output_len} for it in items]},
-        "profiles": prof.to_dict(),
+        "profiles": prof.to_dict(), "profile_raw": profile_raw,
         "plans": [{"settings": vars(p.settings), "reason": p.reason, "feasible": p.feasible,
                    "unrestricted_planner_mode": m,
                    "predicted_ttft_s": p.ttft_s, "predicted_max_gap_s": p.max_gap_s,
+                   "predicted_catchup_s": p.handover_s,
                    "occupancy_s": p.occupancy_s if p.occupancy_s != float("inf") else None}
                   for p, m in zip(plans, free_modes)],
         "summary": summary, "occupancy": occupancy, "quality": quality, "requests": rows,

@@ -85,43 +85,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure_device(model: Path, backend: str, threads: int | None, lengths: list[int],
-                   contexts: list[int], steps: int, repeats: int) -> dict[str, Any]:
-    """Prefill seconds per length and decode step seconds per context, in this process."""
+                   contexts: list[int], steps: int, repeats: int,
+                   quantile: float = 90.0) -> dict[str, Any]:
+    """Seconds per engine step in this process, as the device runtime pays them (the runner
+    plus the engine's scheduling and sampling): prefill of n tokens from an empty cache (one
+    step; `quantile` and median of `repeats`) per length, and decode steps per context (the
+    `quantile` and median of `steps` steps, timed on a second pass)."""
     import numpy as np
 
     from pd_serve.backends import create_runner
-    from pd_serve.backends.base import DecodeBatch, PrefillBatch, RunnerConfig, SeqChunk
+    from pd_serve.backends.base import RunnerConfig
+    from pd_serve.config import CacheConfig, SchedulerConfig
+    from pd_serve.engine.engine import LLMEngine
+    from pd_serve.engine.sampling_params import SamplingParams
+    from pd_serve.models.tokenizer import Tokenizer
 
     longest = max(max(lengths), max(contexts) + steps) + 1
     runner = create_runner(RunnerConfig(str(model), backend=backend, threads=threads,
-                                        num_blocks=-(-longest // 16) + 1))
+                                        num_blocks=-(-longest // 16) + 2))
+    engine = LLMEngine(runner, Tokenizer(str(model)),
+                       CacheConfig(16, runner.num_blocks, False),
+                       SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=longest,
+                                       max_model_len=longest + 16))
     vocab = runner.model_config.vocab_size
     rng = np.random.default_rng(0)
-    table = list(range(-(-longest // 16)))
 
-    def prefill(n: int) -> float:
-        batch = PrefillBatch([SeqChunk(rng.integers(3, vocab, n).tolist(), 0, table)])
-        t0 = time.perf_counter()
-        runner.prefill(batch)
-        return time.perf_counter() - t0
-
-    out: dict[str, Any] = {"backend": backend, "threads": threads, "prefill_s": [],
-                           "decode_s": []}
-    for n in lengths:
-        prefill(n)  # warm-up / compile for this shape
-        out["prefill_s"].append([n, statistics.median(prefill(n) for _ in range(repeats))])
-    for ctx in contexts:
-        prefill(ctx)
+    def run(n: int, max_tokens: int) -> list[float]:
+        """Step seconds of one greedy request of n random tokens (its own work: the smaller
+        of wall and CPU time, as pd_device.worker.stretch_s counts it)."""
+        engine.add_request(f"p{rng.integers(1 << 30)}", rng.integers(3, vocab, n).tolist(),
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                          ignore_eos=True))
         times = []
+        while engine.has_unfinished():
+            t0, c0 = time.perf_counter(), time.process_time()
+            engine.step()
+            times.append(min(time.perf_counter() - t0, time.process_time() - c0))
+        return times
+
+    out: dict[str, Any] = {"backend": backend, "threads": threads, "quantile": quantile,
+                           "prefill_s": [], "prefill_median_s": [], "decode_s": [],
+                           "decode_median_s": []}
+    for n in lengths:
+        run(n, 1)  # warm-up / compile for this shape
+        t = [run(n, 1)[0] for _ in range(repeats)]
+        out["prefill_s"].append([n, float(np.percentile(t, quantile))])
+        out["prefill_median_s"].append([n, statistics.median(t)])
+    for ctx in contexts:
         # the first pass compiles and warms up (MindSpore stays slow for a few calls after
         # building a graph); only the second is timed
-        for rep in range(2):
-            for i in range(steps):
-                t0 = time.perf_counter()
-                runner.decode(DecodeBatch([5], [ctx + i], [table]))
-                if rep:
-                    times.append(time.perf_counter() - t0)
-        out["decode_s"].append([ctx, statistics.median(times)])
+        run(ctx, steps + 1)
+        t = run(ctx, steps + 1)[1:]
+        out["decode_s"].append([ctx, float(np.percentile(t, quantile))])
+        out["decode_median_s"].append([ctx, statistics.median(t)])
     runner.close()
     return out
 

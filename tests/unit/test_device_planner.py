@@ -17,6 +17,7 @@ from pd_device.planner import (
     Plan,
     RequestClass,
     Targets,
+    catchup_steps,
     explain,
     kept_tokens,
     pace_candidates,
@@ -80,7 +81,21 @@ small_grids = st.builds(
     paces_s=st.sets(st.sampled_from([0.01, 0.02, 0.05, 0.1, 0.2]), min_size=1, max_size=3).map(
         lambda s: tuple(sorted(s))),
     n_max=st.integers(0, 150), margin_s=st.sampled_from([0.0, 0.01]),
+    margin_frac=st.sampled_from([0.0, 0.2]), chunk_max_tokens=st.sampled_from([64, 256, 4096]),
     allow_device_only=st.sampled_from([True, True, False]))
+
+
+def worker_steps(kept: int, n: int, chunk: int, block: int = 16) -> list[int]:
+    """The device steps to its first own token, written out independently of the planner: a
+    block-aligned first chunk while cloud tokens are expected, then chunk-sized pieces."""
+    total = kept + n + 1
+    head = [] if n == 0 or kept + 1 < block else [min(kept + 1, chunk) // block * block]
+    rest = total - sum(head)
+    return head + [chunk] * (rest // chunk) + ([rest % chunk] if rest % chunk else [])
+
+
+def chunked_prefill_s(dev: DeviceProfile, tokens: int, chunk: int) -> float:
+    return sum(dev.prefill_s(t) for t in worker_steps(tokens - 1, 0, chunk))
 
 
 @st.composite
@@ -103,8 +118,10 @@ def displayed_gaps(cls: RequestClass, prof: Profiles, grid: Grid, p: Plan,
           + prof.cloud.ttft(hi))
     c = max(prof.cloud.tpot_s, grid.token_event_bytes * bits)
     k = min(hi, max(math.ceil(Fraction(s.rho) * hi), grid.refine_window))
-    ready = (t1 + k * grid.bytes_per_index * bits
-             + cls.device_speed.prefill_s(k + s.n_cloud + 1) + grid.margin_s)
+    work = sum(cls.device_speed.prefill_s(t)
+               for t in worker_steps(k, s.n_cloud, grid.chunk_max_tokens))
+    ready = t1 + (k * grid.bytes_per_index * bits + work) * (1 + grid.margin_frac) \
+        + grid.margin_s
     shown = [t1]
     for i in range(1, s.n_cloud + 1):
         shown.append(max(t1 + i * s.pace_s, t1 + i * c, shown[-1]))
@@ -117,7 +134,8 @@ def check_meets_targets(cls: RequestClass, prof: Profiles, tg: Targets, grid: Gr
                         p: Plan) -> None:
     dev = cls.device_speed
     if p.settings.mode == "device_only":
-        assert dev.prefill_s(cls.prompt_len_band[1]) <= tg.ttft_s + TOL
+        assert chunked_prefill_s(dev, cls.prompt_len_band[1], grid.chunk_max_tokens) <= \
+            tg.ttft_s + TOL
         assert dev.decode_step_s <= tg.max_tpot_s + TOL
         return
     assert p.settings.mode == "pd_device"
@@ -144,7 +162,8 @@ def brute_force(cls: RequestClass, prof: Profiles, tg: Targets,
     """"device_only" when allowed and it meets the targets, else the smallest (occupancy, N,
     -rho, pace) over every grid point, None when nothing is feasible."""
     hi = cls.prompt_len_band[1]
-    if grid.allow_device_only and cls.device_speed.prefill_s(hi) <= tg.ttft_s and \
+    if grid.allow_device_only and \
+            chunked_prefill_s(cls.device_speed, hi, grid.chunk_max_tokens) <= tg.ttft_s and \
             cls.device_speed.decode_step_s <= tg.max_tpot_s:
         return "device_only"
     best = None
@@ -229,8 +248,9 @@ def test_worked_example() -> None:
     assert s.mode == "pd_device" and s.rho == 0.5 and s.pace_s == 0.05 and p.feasible
     k = kept_tokens(1024, 0.5, 32)
     assert k == 512
-    # catch-up Tr + D(K + N + 1) must fit into N * pace + max TPOT with the fewest N
-    assert s.n_cloud == math.ceil((0.02 + 0.001 * (k + 1) + 544 * 48 / 1e8 - 0.05)
+    # catch-up Tr + D(256) + D(256) + D(N + 1) (the worker's steps: a first chunk, then the
+    # hand-over request in 256-token steps) must fit into N * pace + max TPOT, fewest N
+    assert s.n_cloud == math.ceil((3 * 0.02 + 0.001 * (k + 1) + 544 * 48 / 1e8 - 0.05)
                                   / (0.05 - 0.001))
     assert p.occupancy_s == pytest.approx(0.01 + 1024 * 5e-5 + s.n_cloud * 0.01)
 
@@ -299,10 +319,24 @@ def test_time_curve_is_monotone_and_extrapolates() -> None:
 
 def test_quality_curve_always_holds_full_prompt() -> None:
     q = QualityCurve(((0.5, 0.8), (1.0, 0.7)))
-    assert q(1.0) == 1.0 and q(0.75) == pytest.approx(0.9) and q(0.5) == 0.8
+    # a step function: a rho between measured points gets the one below (never more than
+    # was measured for less prompt)
+    assert q(1.0) == 1.0 and q(0.75) == 0.8 and q(0.5) == 0.8 and q(0.99) == 0.8
     assert q(0.1) == 0.0 and QualityCurve()(0.99) == 0.0  # unmeasured refinement: no quality
     with pytest.raises(ValueError, match="rho must be in"):
         QualityCurve(((1.5, 0.5),))
+
+
+def test_catchup_steps_follow_the_worker() -> None:
+    """The chunks the runtime ran in the first CPU evaluation's trace (refined prompt K, N):
+    a block-aligned first chunk while cloud tokens were expected, then the hand-over."""
+    assert catchup_steps(423, 3, 256, 16) == [256, 171]
+    assert catchup_steps(231, 1, 256, 16) == [224, 9]
+    assert catchup_steps(337, 2, 256, 16) == [256, 84]
+    assert catchup_steps(100, 0, 256, 16) == [101]  # N = 0: hand over at once
+    assert catchup_steps(600, 0, 256, 16) == [256, 256, 89]
+    for k, n in ((1, 0), (5, 3), (15, 1), (700, 9)):
+        assert catchup_steps(k, n, 256, 16) == worker_steps(k, n, 256)
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
