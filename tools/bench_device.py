@@ -26,11 +26,12 @@ when a mode itself needs both):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -95,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--n-cloud", type=int, default=None, help="fixed N instead of the planner's")
     a("--rho", type=float, default=None, help="fixed rho instead of the planner's")
     a("--pace", type=float, default=None, help="fixed pace (s) instead of the planner's")
+    a("--link-rtt", type=float, default=0.0, help="emulated device-cloud RTT (s)")
+    a("--link-bandwidth", type=float, default=None, help="emulated link bits/s")
+    a("--link-loss", type=float, default=0.0, help="emulated segment loss probability")
+    a("--link-jitter", type=float, default=0.0, help="emulated one-way jitter (s)")
     a("--concurrency", type=int, default=4)
     a("--rhos", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75])
     a("--quality-requests", type=int, default=8)
@@ -160,7 +165,8 @@ def plan_all(items: list[WorkItem], prof: Profiles,
                 n_max=args.max_output)
     plans, free_modes = [], []
     for it in items:
-        cls = RequestClass((it.input_len, it.input_len), 0.0, float("inf"), prof.device)
+        cls = RequestClass((it.input_len, it.input_len), args.link_rtt,
+                           args.link_bandwidth or float("inf"), prof.device)
         free = explain(cls, prof, targets, grid)
         p = free if args.planner_device_only else explain(
             cls, prof, targets, replace(grid, allow_device_only=False))
@@ -286,6 +292,23 @@ def run_occupancy(args: argparse.Namespace, client: AssistClient, items: list[Wo
     return out
 
 
+@contextlib.contextmanager
+def link_to(args: argparse.Namespace, url: str) -> Iterator[str]:
+    """`url` through an emulated link (pd_device.link) when `--link-*` asks for one, else
+    `url` itself. Profiles and cloud occupancy are measured without it: the planner adds the
+    link to the cloud's own times, and the cloud is busy the same either way."""
+    if not (args.link_rtt or args.link_bandwidth or args.link_loss or args.link_jitter):
+        yield url
+        return
+    from pd_device.link import LinkConfig, LinkProxy, parse_hostport
+
+    host, port = parse_hostport(url.split("://", 1)[-1].rstrip("/"))
+    cfg = LinkConfig(host, port, rtt_s=args.link_rtt, jitter_s=args.link_jitter,
+                     bandwidth_bps=args.link_bandwidth, loss=args.link_loss, seed=args.seed)
+    with LinkProxy(cfg) as link:
+        yield link.url
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     traces = dict(t.split("=", 1) for t in args.traces)
@@ -308,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
             measured_profiles(args, client, profile_prompts)
         plans, free_modes = plan_all(items, prof, args)
         runner = device_runner(args)
-        rows = run_serving(args, url, items, plans, runner)
+        with link_to(args, url) as device_url:  # the device's view of the cloud
+            rows = run_serving(args, device_url, items, plans, runner)
         occupancy = run_occupancy(args, client, items, rows)
         g = args.quality_output
         prompts = [list(it.prompt[-(args.max_model_len - g):])
