@@ -1,8 +1,10 @@
 """Where hand-off buffers live: host memory (numpy, host TCP transport) or device memory (torch
 CUDA tensors, NCCL transport), behind one small strategy the sender and receiver share.
 
-A strategy allocates flat buffers, fills a prefill slot buffer from the runner's paged cache,
-checksums each layer and views a received buffer as K/V for RecvScatter. The sender and receiver
+A strategy allocates flat buffers, fills a prefill slot buffer from the runner's paged cache
+(whole, or one layer at a time for the layer-wise hand-off, with its progress trailer kept up
+to date: pd_serve.kv.progress), checksums each layer and views a received buffer as K/V for
+RecvScatter. The sender and receiver
 keep their lifecycle and who-frees-what rules; only the memory and the copy kernels differ.
 
 Checksums: host buffers use zlib.crc32 per layer. Device buffers use `i32sum` (the layer's bytes
@@ -44,6 +46,22 @@ class KVBuffers(Protocol):
         """A view [num_layers, 2, num_tokens, num_kv_heads, head_dim] of `buffer`, which the
         runner's `write_kv` accepts."""
 
+    def fill_layer(self, buffer: Any, runner: ModelRunner, block_table: list[int],
+                   layout: KVLayout, layer: int, trailer: int) -> None:
+        """`fill` of one layer, then its checksum into trailer word 3 + layer and word 1 (layers
+        staged) = layer + 1, in that order; `trailer` is the trailer's byte offset."""
+
+    def set_words(self, buffer: Any, trailer: int, start: int, values: list[int]) -> None:
+        """Writes int64 trailer words start .. start + len(values) - 1, in order."""
+
+    def words(self, buffer: Any, trailer: int, count: int) -> np.ndarray:
+        """The first `count` trailer words as int64 [count] on the host."""
+
+
+def trailer_offset(nbytes: int) -> int:
+    """Byte offset of the progress trailer after `nbytes` of KV (8-byte aligned)."""
+    return -(-nbytes // 8) * 8
+
 
 def crc32_checksums(layout: KVLayout, buffer: np.ndarray) -> tuple[int, ...]:
     """zlib.crc32 of each layer's K and V planes in `buffer` (flat uint8)."""
@@ -71,6 +89,23 @@ class HostBuffers:
 
     def as_kv(self, layout: KVLayout, buffer: np.ndarray) -> np.ndarray:
         return layout.to_array(buffer)
+
+    def fill_layer(self, buffer: np.ndarray, runner: ModelRunner, block_table: list[int],
+                   layout: KVLayout, layer: int, trailer: int) -> None:
+        kv = runner.read_kv_layer(block_table, layout.num_tokens, layer)  # [2, T, KVH, D]
+        dst = layout.to_array(buffer)[layer]
+        if kv.shape != dst.shape:
+            raise ValueError(f"runner KV {kv.shape} does not match the layout {dst.shape}")
+        dst[...] = kv
+        off, n = layout.layer_ranges()[layer]
+        self.set_words(buffer, trailer, 3 + layer, [zlib.crc32(buffer.data[off:off + n])])
+        self.set_words(buffer, trailer, 1, [layer + 1])
+
+    def set_words(self, buffer: np.ndarray, trailer: int, start: int, values: list[int]) -> None:
+        buffer[trailer:].view(np.int64)[start:start + len(values)] = values
+
+    def words(self, buffer: np.ndarray, trailer: int, count: int) -> np.ndarray:
+        return buffer[trailer:].view(np.int64)[:count].copy()
 
 
 class DeviceBuffers:
@@ -113,6 +148,37 @@ class DeviceBuffers:
     def as_kv(self, layout: KVLayout, buffer: Any) -> Any:
         shape = (layout.num_layers, 2, layout.num_tokens, layout.num_kv_heads, layout.head_dim)
         return self._typed(layout, buffer).view(shape)
+
+    def fill_layer(self, buffer: Any, runner: ModelRunner, block_table: list[int],
+                   layout: KVLayout, layer: int, trailer: int) -> None:
+        """Queues the layer's gather, checksum and progress words on the current stream; no
+        host sync (the caller records an event for the transport's sends to wait on)."""
+        gather = getattr(runner, "gather_kv_device", None)
+        if gather is None:
+            raise ValueError(f"{type(runner).__name__} cannot gather K/V on the device")
+        per = layout.layer_bytes // layout.itemsize
+        gather(block_table, layout.num_tokens,
+               self._typed(layout, buffer)[layer * per:(layer + 1) * per], layer)
+        words = self._words_view(buffer, trailer)
+        if self.checksum_algo == "none":
+            words[3 + layer].fill_(0)
+        else:
+            off, n = layout.layer_ranges()[layer]
+            words[3 + layer] = buffer[off:off + n].view(self._torch.int32).sum(
+                dtype=self._torch.int64)
+        words[1].fill_(layer + 1)
+
+    def set_words(self, buffer: Any, trailer: int, start: int, values: list[int]) -> None:
+        words = self._words_view(buffer, trailer)
+        for i, value in enumerate(values):  # scalar fills: no host-to-device copy, no sync
+            words[start + i].fill_(value)
+
+    def words(self, buffer: Any, trailer: int, count: int) -> np.ndarray:
+        return self._words_view(buffer, trailer)[:count].cpu().numpy()
+
+    def _words_view(self, buffer: Any, trailer: int) -> Any:
+        tail = buffer[trailer:]
+        return tail[:tail.numel() // 8 * 8].view(self._torch.int64)
 
     def _typed(self, layout: KVLayout, buffer: Any) -> Any:
         """The layout's first `total_bytes` bytes of `buffer` as the cache dtype, flat."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from pd_serve.kv.layout import KVLayout
 
-VERSION = 1
+VERSION = 2  # 2: progress_offset (layer-wise hand-off)
 CHECKSUM_ALGO = "crc32"  # per-layer zlib.crc32 of the layer's K and V planes (host buffers)
 CHECKSUM_ALGOS = ("crc32", "i32sum", "none")  # see pd_serve.kv.buffers
 
@@ -53,15 +53,26 @@ class HandoffSource:
     region: bytes  # exported descriptor of the registered slot buffer
     offset: int  # bytes from the region's start to the request's layout
     layout: KVLayout
-    checksums: tuple[int, ...]  # one per layer (checksum_algo)
+    checksums: tuple[int, ...]  # one per layer (checksum_algo); () when layer-wise
     checksum_algo: str = CHECKSUM_ALGO
+    # Layer-wise: the region offset of the progress trailer (pd_serve.kv.progress), which
+    # carries the checksums and first token once done; -1: the KV is staged already.
+    progress_offset: int = -1
+
+    @property
+    def layerwise(self) -> bool:
+        return self.progress_offset >= 0
 
     def __post_init__(self) -> None:
         if self.offset < 0:
             raise ValueError(f"offset must be >= 0, got {self.offset}")
-        if len(self.checksums) != self.layout.num_layers:
+        if self.progress_offset < -1:
+            raise ValueError(f"progress_offset must be >= -1, got {self.progress_offset}")
+        want = 0 if self.layerwise else self.layout.num_layers
+        if len(self.checksums) != want:
             raise ValueError(f"{len(self.checksums)} checksums for "
-                             f"{self.layout.num_layers} layers")
+                             f"{self.layout.num_layers} layers"
+                             + (" (a layer-wise source carries none)" if self.layerwise else ""))
         if self.checksum_algo not in CHECKSUM_ALGOS:
             raise ValueError(f"checksum_algo {self.checksum_algo!r} is not one of "
                              f"{CHECKSUM_ALGOS}")
@@ -70,13 +81,14 @@ class HandoffSource:
         return {"version": VERSION, "request_id": self.request_id,
                 "conn_id": b64(self.conn_id), "region": b64(self.region),
                 "offset": self.offset, "layout": self.layout.to_dict(),
-                "checksums": list(self.checksums), "checksum_algo": self.checksum_algo}
+                "checksums": list(self.checksums), "checksum_algo": self.checksum_algo,
+                "progress_offset": self.progress_offset}
 
     @classmethod
     def from_dict(cls, data: Any) -> HandoffSource:
         d = _fields(data, "HandoffSource", {
             "version": int, "request_id": str, "conn_id": str, "region": str, "offset": int,
-            "layout": dict, "checksums": list, "checksum_algo": str})
+            "layout": dict, "checksums": list, "checksum_algo": str, "progress_offset": int})
         if d["version"] != VERSION:
             raise ValueError(f"HandoffSource version {d['version']} is not {VERSION}")
         sums = d["checksums"]
@@ -84,7 +96,7 @@ class HandoffSource:
             raise ValueError("HandoffSource.checksums must be integers")
         return cls(d["request_id"], unb64(d["conn_id"], "conn_id"),
                    unb64(d["region"], "region"), d["offset"], KVLayout.from_dict(d["layout"]),
-                   tuple(sums), d["checksum_algo"])
+                   tuple(sums), d["checksum_algo"], d["progress_offset"])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

@@ -9,6 +9,8 @@ to its timeout):
    staging buffer (one read, one per layer, or one per block per layer per K/V), verifies the
    per-layer checksums and writes the K/V into the reserved blocks with `runner.write_kv`
    (`read` does the same without the write, for callers that scatter on the engine thread);
+   a layer-wise source (`read_layerwise`) is read while its prefill still runs: the progress
+   trailer is polled and each newly staged run of layers read at once;
 3. `close()` deregisters the staging buffer.
 Who frees what: the caller owns the reserved blocks (the engine's reservation) and cancels the
 reservation when `fetch` raises; a failed fetch registers nothing and drops the cached
@@ -17,20 +19,35 @@ connection of the failing peer, so the next fetch from it reconnects.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from pd_serve.backends.base import ModelRunner
-from pd_serve.kv.buffers import HostBuffers, KVBuffers
+from pd_serve.kv import progress
+from pd_serve.kv.buffers import HostBuffers, KVBuffers, trailer_offset
 from pd_serve.kv.layout import KVLayout
 from pd_serve.kv.messages import HandoffSource
+from pd_serve.kv.progress import Progress, trailer_bytes, trailer_words
 from pd_serve.kv.transport import Read, Transport, TransportError, TransportTimeout
 
 Mode = Literal["bulk", "per_layer", "block_fixed"]
 MODES: tuple[str, ...] = ("bulk", "per_layer", "block_fixed")
 
 
+POLL_MIN_S, POLL_MAX_S = 2e-4, 4e-3  # layer-wise: trailer polling backs off between these
+
+
 class HandoffError(RuntimeError):
     """A hand-off failed (transport error, timeout, bad metadata or checksum mismatch)."""
+
+
+class HandoffAborted(HandoffError):
+    """The prefill side ended a layer-wise hand-off: `finished` when the request ended at its
+    first token (nothing to decode), else its prefill or staging failed."""
+
+    def __init__(self, message: str, finished: bool) -> None:
+        super().__init__(message)
+        self.finished = finished
 
 
 class KVReceiver:
@@ -42,7 +59,9 @@ class KVReceiver:
         self.staging_layout = staging_layout
         self.block_size = block_size
         self._mem: KVBuffers = buffers or HostBuffers()
-        self._staging = self._mem.alloc(staging_layout.total_bytes)  # [total_bytes] uint8
+        self._trailer = trailer_offset(staging_layout.total_bytes)
+        # [trailer + trailer_bytes(L)] uint8: the KV, then a layer-wise source's progress words
+        self._staging = self._mem.alloc(self._trailer + trailer_bytes(staging_layout.num_layers))
         self._handle: int | None = transport.register(self._staging)
         self._peers: dict[bytes, Any] = {}  # conn id -> peer
         self._remotes: dict[tuple[bytes, bytes], Any] = {}  # (conn id, region) -> remote
@@ -63,29 +82,78 @@ class KVReceiver:
         until the next read (for callers that must run `write_kv` on the engine thread, since
         a runner is not thread-safe). HandoffError on any failure."""
         layout = self._check(source, block_table, mode)
+        if source.layerwise:
+            raise HandoffError(f"hand-off of {source.request_id!r} is layer-wise: use "
+                               f"read_layerwise")
         reads = [Read(off, source.offset + off, n) for off, n in _ranges(layout, mode,
                                                                          self.block_size)]
+        deadline = time.monotonic() + timeout_s
+        self._transfer(source, reads, deadline)
+        self.last_num_reads = len(reads)
+        self._verify(source, layout, source.checksums)
+        return self._mem.as_kv(layout, self._staging)
+
+    def read_layerwise(self, source: HandoffSource, block_table: list[int],
+                       timeout_s: float = 10.0) -> tuple[Any, int]:
+        """`read` of a layer-wise source while its prefill runs: polls the progress trailer
+        and reads each run of newly staged layers in one range, until the owner says DONE.
+        Returns the K/V view and the first token id. HandoffAborted when the owner gave up
+        (the prefill failed, or the request ended at its first token); HandoffError on any
+        other failure, including no DONE within `timeout_s`."""
+        layout = self._check(source, block_table, "bulk")
+        if not source.layerwise:
+            raise HandoffError(f"hand-off of {source.request_id!r} is not layer-wise")
+        n_layers, layer_bytes = layout.num_layers, layout.layer_bytes
+        trailer = Read(self._trailer, source.progress_offset, trailer_bytes(n_layers))
+        deadline, done, reads, pause = time.monotonic() + timeout_s, 0, 0, POLL_MIN_S
+        while True:
+            self._transfer(source, [trailer], deadline)
+            try:
+                prog = Progress.parse(self._mem.words(self._staging, self._trailer,
+                                                      trailer_words(n_layers)), n_layers)
+            except ValueError as exc:
+                raise HandoffError(f"hand-off of {source.request_id!r}: {exc}") from exc
+            if prog.state in (progress.FAILED, progress.FINISHED):
+                raise HandoffAborted(f"hand-off of {source.request_id!r} was ended by its "
+                                     f"prefill ({progress.STATES[prog.state]})",
+                                     prog.state == progress.FINISHED)
+            if prog.staged > done:  # layers are contiguous: one range for the new ones
+                self._transfer(source, [Read(done * layer_bytes, source.offset
+                                             + done * layer_bytes,
+                                             (prog.staged - done) * layer_bytes)], deadline)
+                done, reads, pause = prog.staged, reads + 1, POLL_MIN_S
+            if prog.state == progress.DONE:
+                break
+            if time.monotonic() + pause > deadline:
+                raise HandoffError(f"hand-off of {source.request_id!r} timed out after "
+                                   f"{timeout_s} s with {done} of {n_layers} layers read")
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_MAX_S)
+        self.last_num_reads = reads
+        self._verify(source, layout, prog.checksums)
+        return self._mem.as_kv(layout, self._staging), prog.first_token
+
+    def _transfer(self, source: HandoffSource, reads: list[Read], deadline: float) -> None:
+        """One read_batch from the source's peer; transport failures become HandoffError."""
+        timeout_s = max(deadline - time.monotonic(), 1e-3)
         try:
             peer, remote = self._connect(source, timeout_s)
             self.transport.read_batch(peer, self._require_handle(), remote, reads, timeout_s)
         except TransportTimeout as exc:
             self._forget(source.conn_id)
-            raise HandoffError(f"hand-off of {source.request_id!r} timed out after "
-                               f"{timeout_s} s: {exc}") from exc
+            raise HandoffError(f"hand-off of {source.request_id!r} timed out: {exc}") from exc
         except TransportError as exc:
             self._forget(source.conn_id)
             raise HandoffError(f"hand-off of {source.request_id!r} failed: {exc}") from exc
-        self.last_num_reads = len(reads)
-        self._verify(source, layout)
-        return self._mem.as_kv(layout, self._staging)
 
-    def _verify(self, source: HandoffSource, layout: KVLayout) -> None:
+    def _verify(self, source: HandoffSource, layout: KVLayout,
+                checksums: tuple[int, ...]) -> None:
         if source.checksum_algo != self._mem.checksum_algo:
             raise HandoffError(f"hand-off of {source.request_id!r}: checksums are "
                                f"{source.checksum_algo!r}, this receiver checks "
                                f"{self._mem.checksum_algo!r}")
         got = self._mem.checksums(layout, self._staging)
-        bad = [i for i, (a, b) in enumerate(zip(got, source.checksums)) if a != b]
+        bad = [i for i, (a, b) in enumerate(zip(got, checksums)) if a != b]
         if bad:
             raise HandoffError(f"hand-off of {source.request_id!r}: checksum mismatch in "
                                f"layer(s) {bad} ({len(bad)} of {layout.num_layers})")
