@@ -8,6 +8,7 @@ told to. Caller: the engine loop, on one thread per instance. All calls block un
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +110,16 @@ class ModelRunner(ABC):
         pay to each position, summed over queries, heads and layers, normalised to sum 1;
         one float32 [L] array per sequence (pd_serve.engine.refine). Reads the cache only."""
         raise NotImplementedError(f"{type(self).__name__} cannot score prompt tokens")
+
+    # Layer-wise hand-off: when set, prefill calls it with each layer's index right after that
+    # layer's K/V are in the cache (engine thread, inside `prefill`); runners that cannot
+    # (a compiled whole-model graph) leave `supports_layer_hook` False.
+    supports_layer_hook: bool = False
+    layer_hook: Callable[[int], None] | None = None
+
+    def read_kv_layer(self, block_table: list[int], num_tokens: int, layer: int) -> np.ndarray:
+        """One layer of `read_kv`: float32 [2, num_tokens, num_kv_heads, head_dim]."""
+        return self.read_kv(block_table, num_tokens)[layer]
 
     @abstractmethod
     def read_kv(self, block_table: list[int], num_tokens: int) -> np.ndarray:

@@ -26,9 +26,10 @@ from pd_serve.config import CacheConfig, SchedulerConfig
 from pd_serve.engine.block_manager import BlockManager
 from pd_serve.engine.handoff import HandoffMixin, Reservation
 from pd_serve.engine.importance import check_importance, score_prompts
+from pd_serve.engine.layer_stage import check_layer_stage, layer_hooks
 from pd_serve.engine.output_text import OutputText
 from pd_serve.engine.outputs import FinishReason, RequestOutput
-from pd_serve.engine.request import Request
+from pd_serve.engine.request import LayerStage, Request
 from pd_serve.engine.sampler import Sampler
 from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.engine.scheduler import ScheduledPrefill, Scheduler
@@ -87,23 +88,27 @@ class LLMEngine(HandoffMixin):
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, prefill_only: bool = False,
-                    importance_q: int = 0) -> None:
+                    importance_q: int = 0, on_layer: LayerStage | None = None) -> None:
         """Queues a request; ValueError (naming the problem) if it can never be served.
         `prefill_only` (prefill role): park it after its first token for a KV hand-off.
         `importance_q` > 0 (P/D-Device refinement, see pd_serve.engine.importance): its first
-        output carries the prompt's importance scores, observed from its last q positions."""
+        output carries the prompt's importance scores, observed from its last q positions.
+        `on_layer` (layer-wise hand-off, with prefill_only): called during the step that
+        completes its prefill, once per layer, when that layer's K/V are in the cache."""
         if self._id_in_use(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         check_importance(self._runner, importance_q)
+        if on_layer is not None:
+            check_layer_stage(self._runner)
         prompt = self._validate_prompt(prompt_token_ids)
         req = Request(
             request_id=request_id, prompt_token_ids=prompt, params=params,
             arrival_time=time.monotonic(),
             text=OutputText(self._tokenizer, params.stop, params.include_stop_str_in_output),
             generator=np.random.default_rng(params.seed) if params.seed is not None else None,
-            prefill_only=prefill_only, importance_q=importance_q)
+            prefill_only=prefill_only, importance_q=importance_q, on_layer=on_layer)
         self.scheduler.add(req)
         self._requests[request_id] = req
 
@@ -162,10 +167,11 @@ class LLMEngine(HandoffMixin):
                                  req.block_table[:self.block_manager.blocks_for(end)]))
         rows = [i for i, sp in enumerate(prefills) if sp.completes]
         done = [prefills[i].request for i in rows]
-        if _all_greedy(done):  # the runner picks on its device; only token ids come back
-            tokens = self._runner.prefill_argmax(PrefillBatch(seqs))[rows]
-        else:
-            logits = np.asarray(self._runner.prefill(PrefillBatch(seqs)))  # [num_seqs, vocab]
+        with layer_hooks(self._runner, self.block_manager, done):
+            if _all_greedy(done):  # the runner picks on its device; only token ids come back
+                tokens = self._runner.prefill_argmax(PrefillBatch(seqs))[rows]
+            else:
+                logits = np.asarray(self._runner.prefill(PrefillBatch(seqs)))  # [seqs, vocab]
         for sp in prefills:
             self.scheduler.on_computed(sp.request, sp.num_tokens)
         score_prompts(self._runner, self.block_manager, done)

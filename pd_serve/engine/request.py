@@ -16,6 +16,7 @@ already in the cache and its first token already in `output_token_ids`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -24,6 +25,9 @@ import numpy as np
 from pd_serve.engine.output_text import OutputText
 from pd_serve.engine.outputs import FinishReason
 from pd_serve.engine.sampling_params import SamplingParams
+
+# (layer index, block table covering the prompt, prompt tokens) -> None
+LayerStage = Callable[[int, list[int], int], None]
 
 
 class RequestStatus(str, Enum):
@@ -53,6 +57,8 @@ class Request:
     prefill_only: bool = False  # prefill instance: park after the first token (hand-off)
     importance_q: int = 0  # P/D-Device: > 0 scores the prompt after its prefill completes
     prompt_importance: np.ndarray | None = None  # [num_prompt_tokens], until the next output
+    # Layer-wise hand-off: stage(layer, block_table, num_tokens) during the completing prefill
+    on_layer: LayerStage | None = None
     # Owned and mutated by the BlockManager; read-only for everyone else.
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

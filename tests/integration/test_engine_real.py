@@ -4,7 +4,9 @@ chunked prefill and batching must not change greedy output."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
 
 from pd_serve.backends.base import ModelRunner, RunnerConfig
@@ -102,4 +104,54 @@ def test_chunked_prefill_equals_unchunked(runner: ModelRunner, tokenizer: Tokeni
     e = engine(runner, tokenizer, prefix=False, budget=8)
     outs = e.generate(prompts, PARAMS)
     assert [o.new_token_ids for o in outs] == solo
+    e.leak_check()
+
+
+def test_layer_hooks_stage_each_completing_prompt_once(runner: ModelRunner,
+                                                       tokenizer: Tokenizer,
+                                                       prompts: list[list[int]]) -> None:
+    """Layer-wise hand-off: with chunked prefill (budget 16), each hooked request's stage runs
+    once per layer, in order, in the step its prompt completes, and sees that layer's final
+    K/V; a stage that raises is dropped without failing the step or the other requests."""
+    e = engine(runner, tokenizer, prefix=False, budget=16)
+    seen: dict[str, list[tuple[int, int, np.ndarray]]] = {"a": [], "b": []}
+
+    def recorder(rid: str) -> Any:
+        def stage(layer: int, table: list[int], n: int) -> None:
+            seen[rid].append((layer, n, runner.read_kv_layer(table, n, layer)))
+        return stage
+
+    def broken(layer: int, table: list[int], n: int) -> None:
+        raise RuntimeError("staging failed")
+
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    e.add_request("a", prompts[0], params, prefill_only=True, on_layer=recorder("a"))
+    e.add_request("b", prompts[1], params, prefill_only=True, on_layer=recorder("b"))
+    e.add_request("c", prompts[2], params, prefill_only=True, on_layer=broken)
+    firsts: dict[str, Any] = {}
+    while len(firsts) < 3:
+        for out in e.step():
+            firsts[out.request_id] = out
+    layers = runner.model_config.num_layers
+    for rid, prompt in (("a", prompts[0]), ("b", prompts[1])):
+        assert len(prompt) > 16  # chunked: only the completing step stages
+        assert [(layer, n) for layer, n, _ in seen[rid]] == [(i, len(prompt))
+                                                             for i in range(layers)]
+        table, n = e.handoff_blocks(rid)
+        final = runner.read_kv(table, n)
+        assert all(np.array_equal(kv, final[i]) for i, _, kv in seen[rid])
+    assert not firsts["c"].finished  # the broken stage did not fail its request
+    for rid in ("a", "b", "c"):
+        e.release_handoff(rid)
+    e.leak_check()
+
+
+def test_layer_hooks_need_a_runner_that_calls_them(tokenizer: Tokenizer) -> None:
+    from tests.fakes import FakeModelRunner
+
+    fake = FakeModelRunner(block_size=BLOCK)
+    e = LLMEngine(fake, tokenizer, CacheConfig(BLOCK, 16, False), SchedulerConfig())
+    with pytest.raises(ValueError, match="per-layer hook"):
+        e.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2), prefill_only=True,
+                      on_layer=lambda *_: None)
     e.leak_check()

@@ -89,6 +89,25 @@ def test_prefill_batched_all_logits(runners: Pair) -> None:
     assert_untouched(fast, set(range(6)))
 
 
+def test_layer_hook_sees_each_layer_written(runners: Pair) -> None:
+    """Both paths call the layer-wise hand-off hook once per layer, in order, with that
+    layer's K/V already final in the cache, and never during decode."""
+    ids = prompt(21, 7)
+    for r in runners:
+        snapshots: list[tuple[int, np.ndarray]] = []
+        r.layer_hook = lambda i, r=r, out=snapshots: out.append(
+            (i, r.read_kv_layer([10, 11], 21, i)))
+        try:
+            r.prefill_argmax(PrefillBatch([SeqChunk(ids, 0, [10, 11])]))
+            r.decode_argmax(DecodeBatch([5], [21], [[10, 11]]))
+        finally:
+            r.layer_hook = None
+        final = r.read_kv([10, 11], 21)
+        assert [i for i, _ in snapshots] == list(range(r.model_config.num_layers))
+        assert all(np.array_equal(kv, final[i]) for i, kv in snapshots)
+    assert_untouched(runners[1], {10, 11})
+
+
 def test_prefix_hit_and_chunked_prefill(runners: Pair) -> None:
     plain, fast = runners
     ids = prompt(45, 3)

@@ -15,6 +15,7 @@ times (inputs already validated by the runner); 4. dropped with the runner.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -99,9 +100,11 @@ class FastPath:
         """Device views: argmax token ids [n] int64 and logits [n, vocab] (model dtype)."""
         return self.graphs.run(batch)
 
-    def prefill(self, seqs: list[SeqChunk], all_rows: bool) -> torch.Tensor:
+    def prefill(self, seqs: list[SeqChunk], all_rows: bool,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
         """Logits [num_seqs, vocab] of each sequence's last token, or [N, vocab] of every new
-        token (sequences in order) with `all_rows`; model dtype, on the device."""
+        token (sequences in order) with `all_rows`; model dtype, on the device. `layer_hook(i)`
+        runs once layer i's K/V are in the cache (its copies queue behind them on the stream)."""
         plan = PrefillPlan.build(seqs, self.block_size)
         n = plan.num_tokens
         dev = torch.from_numpy(plan.packed).to(self.device)  # [packed] int64
@@ -109,6 +112,8 @@ class FastPath:
 
         def attention(i: int, q: torch.Tensor, k: torch.Tensor | None,
                       v: torch.Tensor) -> torch.Tensor:
+            if layer_hook is not None:  # both stacks wrote this layer's K/V before attending
+                layer_hook(i)
             return self._prefill_attention(plan, dev, i, q, k, v)
 
         if self.ops is not None:

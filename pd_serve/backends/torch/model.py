@@ -185,10 +185,11 @@ class TorchDecoder:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return attend(i, q, k, v).flatten(-2)
 
-    def forward(self, inp: ForwardInputs, kv_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, inp: ForwardInputs, kv_cache: torch.Tensor,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
         """The plain formulation. kv_cache [num_layers, 2, num_slots, kv_heads, head_dim] is
-        updated in place. Returns float32 logits [B, vocab] (or [B, T, vocab] when
-        `inp.logit_index` is None)."""
+        updated in place (`layer_hook(i)` right after layer i's write). Returns float32 logits
+        [B, vocab] (or [B, T, vocab] when `inp.logit_index` is None)."""
         cfg = self.cfg
         gqa = cfg.num_heads != cfg.num_kv_heads
 
@@ -197,6 +198,8 @@ class TorchDecoder:
             slots = inp.slot_mapping.reshape(-1)  # [B*T]
             cache[0].index_copy_(0, slots, k.flatten(0, 1))
             cache[1].index_copy_(0, slots, v.flatten(0, 1))
+            if layer_hook is not None:
+                layer_hook(i)
             keys = cache[0][inp.context_slots]  # [B, C, KVH, D]
             values = cache[1][inp.context_slots]  # [B, C, KVH, D]
             out = F.scaled_dot_product_attention(

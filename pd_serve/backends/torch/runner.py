@@ -120,23 +120,24 @@ class TorchRunner(ModelRunner):
     def prefill(self, batch: PrefillBatch) -> np.ndarray | list[np.ndarray]:
         self._check_prefill(batch)
         if self.fast is not None:
-            logits = self.fast.prefill(batch.seqs, batch.return_all_logits).float().cpu().numpy()
+            logits = self.fast.prefill(batch.seqs, batch.return_all_logits,
+                                       self.layer_hook).float().cpu().numpy()
             if not batch.return_all_logits:
                 return logits  # [num_seqs, vocab]
             bounds = np.cumsum([len(s.token_ids) for s in batch.seqs])[:-1]
             return np.split(logits, bounds)
         packed = pack_prefill(batch, self.block_size, self.scratch_slot)
         if batch.return_all_logits:
-            logits = self._forward(packed, all_logits=True)  # [B, T, vocab]
+            logits = self._forward(packed, True, self.layer_hook)  # [B, T, vocab]
             return [logits[i, :q] for i, q in enumerate(packed.query_lens)]
-        return self._forward(packed, all_logits=False)
+        return self._forward(packed, False, self.layer_hook)
 
     @_on_device
     def prefill_argmax(self, batch: PrefillBatch) -> np.ndarray:
         if self.fast is None:
             return super().prefill_argmax(batch)
         self._check_prefill(batch)
-        logits = self.fast.prefill(batch.seqs, all_rows=False)  # [num_seqs, vocab]
+        logits = self.fast.prefill(batch.seqs, False, self.layer_hook)  # [num_seqs, vocab]
         return logits.argmax(-1).cpu().numpy()
 
     supports_importance = True
@@ -170,6 +171,14 @@ class TorchRunner(ModelRunner):
         slots = self._token_slots(block_table, num_tokens)
         return self.kv_cache[:, :, slots].float().cpu().numpy()
 
+    supports_layer_hook = True
+
+    @_on_device
+    def read_kv_layer(self, block_table: list[int], num_tokens: int, layer: int) -> np.ndarray:
+        """Returns float32 [2, num_tokens, num_kv_heads, head_dim] of one layer."""
+        slots = self._token_slots(block_table, num_tokens)
+        return self.kv_cache[layer, :, slots].float().cpu().numpy()
+
     @_on_device
     def write_kv(self, block_table: list[int], kv: np.ndarray | torch.Tensor) -> None:
         """`kv` in the `read_kv` layout: a NumPy array, or a tensor on any device (a CUDA
@@ -185,17 +194,19 @@ class TorchRunner(ModelRunner):
 
     @_on_device
     def gather_kv_device(self, block_table: list[int], num_tokens: int,
-                         out: torch.Tensor) -> None:
+                         out: torch.Tensor, layer: int | None = None) -> None:
         """Copies the first `num_tokens` tokens' K/V into `out` on the device: a contiguous
         tensor of the cache dtype or uint8 with room for them, whose first elements receive
-        the `read_kv` layout [num_layers, 2, num_tokens, num_kv_heads, head_dim]."""
-        table, flat = self._device_args(block_table, num_tokens, out)
+        the `read_kv` layout [num_layers, 2, num_tokens, num_kv_heads, head_dim] (with
+        `layer`: that layer only, [1, 2, num_tokens, ...])."""
+        layers = slice(None) if layer is None else slice(layer, layer + 1)
+        table, flat = self._device_args(block_table, num_tokens, out, layer)
         kernels = load_pd_kernels()
         if kernels is not None:
-            kernels.gather_kv(self.kv_blocks, table, num_tokens, out)
+            kernels.gather_kv(self.kv_blocks[layers], table, num_tokens, out)
         else:
-            flat.view(self._kv_shape(num_tokens)).copy_(
-                self.kv_cache[:, :, self._token_slots(block_table, num_tokens)])
+            flat.view(self._kv_shape(num_tokens, layer is not None)).copy_(
+                self.kv_cache[layers, :, self._token_slots(block_table, num_tokens)])
 
     @_on_device
     def scatter_kv_device(self, block_table: list[int], src: torch.Tensor,
@@ -216,9 +227,10 @@ class TorchRunner(ModelRunner):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _forward(self, packed: PackedBatch, all_logits: bool) -> np.ndarray:
+    def _forward(self, packed: PackedBatch, all_logits: bool,
+                 layer_hook: Callable[[int], None] | None = None) -> np.ndarray:
         """The plain formulation. Logits as float32 NumPy: [B, vocab], or [B, T, vocab] with
-        `all_logits`."""
+        `all_logits`; `layer_hook(i)` after layer i's K/V are written (prefill only)."""
         mask = attention_mask(packed)  # [B, T, C]
 
         def dev(array: np.ndarray) -> torch.Tensor:
@@ -230,7 +242,7 @@ class TorchRunner(ModelRunner):
             mask=torch.from_numpy(mask).to(self.device).unsqueeze(1),  # [B, 1, T, C]
             logit_index=None if all_logits else dev(packed.query_lens - 1),
         )
-        return self.model.forward(inputs, self.kv_cache).cpu().numpy()
+        return self.model.forward(inputs, self.kv_cache, layer_hook).cpu().numpy()
 
     def _check_prefill(self, batch: PrefillBatch) -> None:
         if not batch.seqs:
@@ -275,18 +287,21 @@ class TorchRunner(ModelRunner):
         if any(b < 0 or b >= self.num_blocks for b in table):
             raise ValueError(f"block table {table} has ids outside [0, {self.num_blocks})")
 
-    def _kv_shape(self, num_tokens: int) -> tuple[int, ...]:
+    def _kv_shape(self, num_tokens: int, one_layer: bool = False) -> tuple[int, ...]:
         mc = self.model_config
-        return (mc.num_layers, 2, num_tokens, mc.num_kv_heads, mc.head_dim)
+        return (1 if one_layer else mc.num_layers, 2, num_tokens, mc.num_kv_heads, mc.head_dim)
 
-    def _device_args(self, block_table: list[int], num_tokens: int,
-                     buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checks a device hand-off's table and buffer; returns the table (int32 on the
-        device) and the buffer's first K/V elements as a flat tensor of the cache dtype."""
+    def _device_args(self, block_table: list[int], num_tokens: int, buf: torch.Tensor,
+                     layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checks a device hand-off's table and buffer (of one layer when `layer` is given);
+        returns the table (int32 on the device) and the buffer's first K/V elements as a flat
+        tensor of the cache dtype."""
         self._check_table(block_table)
         if num_tokens <= 0 or num_tokens > len(block_table) * self.block_size:
             raise ValueError(f"{num_tokens} tokens do not fit {len(block_table)} blocks")
-        need = int(np.prod(self._kv_shape(num_tokens)))
+        if layer is not None and not 0 <= layer < self.model_config.num_layers:
+            raise ValueError(f"layer {layer} outside [0, {self.model_config.num_layers})")
+        need = int(np.prod(self._kv_shape(num_tokens, layer is not None)))
         ok_type = buf.dtype in (self.dtype, torch.uint8) and buf.is_contiguous()
         flat = buf.view(-1).view(self.dtype) if ok_type and buf.device == self.device else None
         if flat is None or flat.numel() < need:
