@@ -36,24 +36,26 @@ Steps (one process, about 10 minutes on the 2-core VM; `--quick`: about 3):
      with the decode stream), the long one the compute slowdown f_p. Both instances, the
      gateway and the client share the 2 cores; a profile measured in isolation sees none of it;
 3. capacity: a closed loop (`--max-concurrency 20`) of the workload; the rates are `--loads` of it;
-4. per rate: `pd-serve bench run` (load average and CPU per process recorded); optionally the
-   highest rate once more (`--repeat`), which measures the real run-to-run spread;
-5. per rate: `pd-serve sim run` with the same workload options and seed (same requests at the same
-   times), `--groups 1:1`, the same instance shape and `--vllm-metrics`, twice: *raw* (the
-   profile as is, `--rtt-ms` = bare RTT) and *calibrated* (decode overhead added; co-location as
-   mean-field terms, because the simulator gives every instance its own cores: prefill steps
-   x (1 + (f_p - 1) u_d), decode steps x (1 + (f_d - 1) u_p), RTT = rtt + (rtt_loaded - rtt)
-   u_d, with u_p, u_d the fractions of time prefill and decode are busy in the simulated run,
-   iterated to a fixed point). Nothing is fitted to the validation runs.
+4. `--repeats` rounds (2 by default) over the rates: `pd-serve bench run` per rate (load
+   average and CPU per process recorded); every repeat of a rate sends the same requests at the
+   same times, so their spread is the real system's own;
+5. per rate: `pd-serve sim run` with the same workload options and seed, `--groups 1:1`, the
+   same instance shape and `--vllm-metrics`, three times: *raw* (the profile as is, `--rtt-ms`
+   = bare RTT), *host* (decode overhead added, RTT of the first-token path, both instances on
+   one shared host of the simulator: a step stretches by f_p or f_d only while the other
+   instance computes) and *mean field* (the earlier approximation, kept for comparison: every
+   step scaled by the mean slowdown, iterated to a fixed point). Each is compared with the mean
+   of the real repeats and with every repeat (tools/validate_sim_analyse.py). Nothing is
+   fitted to the validation runs.
 
     python tools/validate_sim.py [--quick] [--out docs/results/sim_validation.json]
     python tools/validate_sim.py --reuse WORK/real.json   # analysis only, on saved real runs
 
-Modules: this file is the CLI and driver (measure, analyse, report);
-tools/validate_sim_lib.py the deployment, the bench/sim subprocesses and the wait for other
-runs; tools/validate_sim_probes.py the calibration probes on the deployment;
-tools/validate_sim_calibrate.py the fits from the probes and the calibrated simulation's fixed
-point.
+Modules: this file is the CLI and driver (measure, report); tools/validate_sim_lib.py the
+deployment, the bench/sim subprocesses and the wait for other runs;
+tools/validate_sim_probes.py the calibration probes on the deployment;
+tools/validate_sim_calibrate.py the fits from the probes and the calibrated simulations;
+tools/validate_sim_analyse.py the comparison.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from validate_sim_calibrate import calibrate, calibrated_sim
+from validate_sim_analyse import analyse, print_table, scrub
+from validate_sim_calibrate import calibrate
 from validate_sim_lib import (
     CONTEXT,
     PROFILE,
@@ -86,18 +89,12 @@ from validate_sim_lib import (
     load_avg,
     others,
     reprofile,
-    sim_run,
     wait_for_other_bench,
     workload_args,
 )
 from validate_sim_probes import run_probes
 
 from pd_serve.sim.latency import LatencyProfile
-
-METRICS = (("ttft_p50_ms", "median_ttft_ms"), ("ttft_p90_ms", "p90_ttft_ms"),
-           ("tpot_p50_ms", "median_tpot_ms"), ("req_per_s", "request_throughput"),
-           ("out_tok_per_s", "output_throughput"))
-
 
 # ----- the real measurements -------------------------------------------------------------------
 
@@ -185,63 +182,6 @@ def measure_rate(dep: Deployment, args: argparse.Namespace, work: Path, waits: d
             **res, "per_request": compact(json.loads(Path(res["result"]).read_text()))}
 
 
-# ----- analysis: the simulator on the same workloads ------------------------------------------
-
-def compare(real_m: dict[str, Any], sim_m: dict[str, Any], tol: float) -> dict[str, Any]:
-    out = {}
-    for name, key in METRICS:
-        r, s = float(real_m[key]), float(sim_m[key])
-        err = s / r - 1 if r else float("inf")
-        out[name] = {"real": r, "sim": s, "rel_err": err, "pass": abs(err) <= tol}
-    return out
-
-
-def analyse(real: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Per real run: the raw and the calibrated simulation, compared metric by metric."""
-    profile_path = ROOT / real["reprofile"]["path"] if "reprofile" in real else PROFILE
-    base = LatencyProfile.load(profile_path)
-    cal = calibrate(real["probes"], base)
-    rows = []
-    by_label = {r["label"]: r for r in real["runs"]}
-    for run in real["runs"]:
-        wl, tag = run["workload_args"], run["label"]
-        raw = sim_run(profile_path, wl, cal["rtt_bare_ms"], work / f"simraw_{tag}.json",
-                      work / f"simraw_{tag}.jsonl")
-        calib = calibrated_sim(base, cal, wl, work, tag)
-        row = {"label": tag, "load": run["load"], "rate": run["rate"],
-               "requests": run["requests"], "real": {
-                   "load_avg_before": run["load_avg_before"],
-                   "load_avg_after": run["load_avg_after"], "cores_used": run["cores_used"],
-                   "failed": run["metrics"]["failed"], "command": run["command"]},
-               "sim_command": calib["command"], "k_p": calib["k_p"], "k_d": calib["k_d"],
-               "rtt_ms": calib["rtt_ms"],
-               "fixed_point": calib["fixed_point"],
-               "raw": compare(run["metrics"], raw["metrics"], args.tolerance),
-               "calibrated": compare(run["metrics"], calib["metrics"], args.tolerance)}
-        if tag.endswith("-repeat"):
-            first = by_label[tag.removesuffix("-repeat")]
-            row["real_vs_first_run"] = compare(first["metrics"], run["metrics"], args.tolerance)
-        rows.append(row)
-    return {"profile": str(profile_path.relative_to(ROOT)), "calibration": cal, "rows": rows}
-
-
-def print_table(rows: list[dict[str, Any]], tol: float) -> None:
-    head = f"{'run':>16} {'metric':>13} {'real':>9} {'sim raw':>9} {'err':>7} " \
-           f"{'sim cal':>9} {'err':>7}  pass"
-    print(head)
-    print("-" * len(head))
-    for row in rows:
-        for name, _ in METRICS:
-            r, c = row["raw"][name], row["calibrated"][name]
-            print(f"{row['label'] + ' ' + format(row['rate'], '.2f'):>16} {name:>13} "
-                  f"{r['real']:9.2f} {r['sim']:9.2f} {100 * r['rel_err']:+6.1f}% "
-                  f"{c['sim']:9.2f} {100 * c['rel_err']:+6.1f}%  "
-                  f"{'yes' if c['pass'] else 'NO'}")
-    ok = sum(c["pass"] for row in rows for c in row["calibrated"].values())
-    total = sum(len(row["calibrated"]) for row in rows)
-    print(f"calibrated: {ok} of {total} within {100 * tol:.0f} %")
-
-
 # ----- CLI ------------------------------------------------------------------------------------
 
 def parse_args() -> argparse.Namespace:
@@ -288,9 +228,9 @@ def main() -> None:
     else:
         real = measure(args, work, LatencyProfile.load(PROFILE))
         (work / "real.json").write_text(json.dumps(real, indent=1))
-    result = analyse(real, args, work)
+    result = analyse(real, args.tolerance, work)
     print_table(result["rows"], args.tolerance)
-    out = output(args, started, real, result)
+    out = scrub(output(args, started, real, result), (f"{work}/", f"{ROOT}/", f"{ROOT.parent}/"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
@@ -298,10 +238,10 @@ def main() -> None:
 
 def output(args: argparse.Namespace, started: datetime.datetime, real: dict[str, Any],
            result: dict[str, Any]) -> dict[str, Any]:
-    """The result file (schema pd-serve/sim-validation/v1, docs/benchmarks.md section 7)."""
+    """The result file (schema pd-serve/sim-validation/v2, docs/benchmarks.md section 7)."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    out = {"schema": "pd-serve/sim-validation/v1",
+    out = {"schema": "pd-serve/sim-validation/v2",
            "date": started.isoformat(timespec="seconds"), "commit": commit,
            "command": cmdline([PY, *sys.argv]),
            "machine": {"cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(),

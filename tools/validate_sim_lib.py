@@ -239,14 +239,30 @@ def wait_for_other_bench(max_s: float, names: list[str], poll_s: float = 30.0,
 
 
 def others(names: list[str]) -> list[str]:
-    """The names of `names` that some other process's command line contains."""
+    """The names of `names` that some other process's command line contains (this process and
+    its ancestors excluded: a wrapper such as `flock ... validate_sim.py --wait-for pytest`
+    carries the names in its own command line)."""
     keys = [n.encode() for n in names]
     found: set[str] = set()
+    mine = _ancestors()
     for p in Path("/proc").iterdir():
-        if p.name.isdigit() and p.name != str(os.getpid()):
+        if p.name.isdigit() and p.name not in mine:
             cmd = _cmdline_of(p)
             found.update(n for n, k in zip(names, keys) if k in cmd)
     return sorted(found)
+
+
+def _ancestors() -> set[str]:
+    """This process's pid and those of its ancestors."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and str(pid) not in out:
+        out.add(str(pid))
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
 
 
 def _cmdline_of(p: Path) -> bytes:
