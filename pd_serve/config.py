@@ -99,6 +99,9 @@ class PDConfig:
 
     b_p: int = 4  # batch slots per prefill instance (each owns one staging buffer)
     handoff_mode: str = "bulk"  # bulk | per_layer | block_fixed
+    # Layer-wise hand-off: decode is engaged before the prefill and reads each layer while the
+    # next ones compute (torch backend; docs/architecture.md); handoff_mode is then unused.
+    handoff_layerwise: bool = False
     transport_host: str = "127.0.0.1"  # where the KV transport binds
     transport: str = "tcp"  # tcp: host buffers over cann_ext TCP | nccl: GPU buffers over NCCL
     #                         | hccl: NPU buffers over HCCL (docs/operations.md section 5)

@@ -11,6 +11,11 @@ Lifecycle of one hand-off (who frees what):
    reservation into a running request whose outputs are buffered as `delta` events;
 4. the request ends by finishing, by its consumer leaving, by `abort()`, or because nobody
    attached within `attach_timeout_s`: the engine frees its blocks (abort or finish).
+A layer-wise hand-off (`source.layerwise`) arrives before its prefill runs: step 2 polls the
+prefill's progress trailer and reads layers as they are staged (KVReceiver.read_layerwise),
+takes the first token from it, and restarts the attach clock once fetched; if the prefill ended
+it (failed, or finished at its first token) the reservation is cancelled, HandoffDone ok=false
+is sent and the stream is dropped without an event (prefill told the client).
 A failed fetch cancels the reservation, reports HandoffDone ok=false and ends the stream with an
 `error` event. Prefill hears HandoffDone exactly once per accepted hand-off. While draining,
 `accept()` answers 429 `draining` (prefill offers the hand-off to another peer).
@@ -40,6 +45,7 @@ from pd_serve.instance.messages import (
 )
 from pd_serve.instance.metrics import DecodeEvents
 from pd_serve.instance.runtime import Runtime, source_from_json
+from pd_serve.kv.receiver import HandoffAborted
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,9 @@ class DecodeRole:
         try:
             msg.sampling.params()
             source = source_from_json(msg.source)
+            if msg.first_token_id < 0 and not source.layerwise:
+                raise ValueError(f"first_token_id {msg.first_token_id} is only allowed (as -1) "
+                                 f"for a layer-wise source")
         except ValueError as exc:
             raise APIError(400, f"bad hand-off: {exc}", code="invalid_handoff") from exc
         self._streams[msg.request_id] = _Stream(time.monotonic() + self.pd.attach_timeout_s)
@@ -132,6 +141,13 @@ class DecodeRole:
                 self._fetching += 1
                 self._spawn(self._retrieve(msg, source, table))
 
+    def _read(self, msg: HandoffRequest, source: Any, table: Any) -> tuple[Any, int]:
+        """Worker thread: the request's K/V (a staging view) and its first token."""
+        receiver, timeout = self.rt.receiver, self.pd.fetch_timeout_s
+        if source.layerwise:
+            return receiver.read_layerwise(source, table, timeout)
+        return receiver.read(source, table, self.pd.handoff_mode, timeout), msg.first_token_id
+
     def _still_head(self, msg: HandoffRequest) -> bool:
         """`abort` may remove the queue's head while the loop awaits the engine; popping
         blindly then dropped the *next* hand-off (never answered, its prefill slot held)."""
@@ -143,12 +159,16 @@ class DecodeRole:
             if self.pd.fetch_delay_s:  # fault-injection tests: a hand-off that stays pending
                 await asyncio.sleep(self.pd.fetch_delay_s)
             async with self._fetch_lock:  # one staging buffer: fetches take turns
-                kv = await asyncio.to_thread(self.rt.receiver.read, source, table,
-                                             self.pd.handoff_mode, self.pd.fetch_timeout_s)
+                kv, first = await asyncio.to_thread(self._read, msg, source, table)
                 # RecvScatter on the engine thread: runners are not thread-safe, and `kv` is a
                 # view of the staging buffer, so the write finishes before the lock is let go.
                 runner = self.rt.runner
                 await self.rt.engine.call(lambda _e: runner.write_kv(table, kv))
+        except HandoffAborted as exc:  # layer-wise: prefill ended it and told its client
+            await self._cancel_reservation(rid)
+            self._streams.pop(rid, None)  # nobody will attach
+            await self._done(msg, False, str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - HandoffError and transport failures
             await self._cancel_reservation(rid)
             self.events.handoff_failed("fetch_failed")
@@ -164,8 +184,9 @@ class DecodeRole:
             await self._cancel_reservation(rid)
             self._wake.set()
             return
+        if source.layerwise:  # the attach clock starts now, not before the prefill ran
+            stream.deadline = time.monotonic() + self.pd.attach_timeout_s
         params, prompt = msg.sampling.params(), list(msg.prompt_token_ids)
-        first = msg.first_token_id
         outputs = self.rt.engine.stream(
             rid, lambda e: _adopt(e, rid, prompt, first, params, table))
         stream.pump = asyncio.current_task()

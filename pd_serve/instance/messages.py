@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pd_serve.engine.outputs import RequestOutput
+from pd_serve.engine.refine import keep_indices
 from pd_serve.engine.sampling_params import SamplingParams
 
 VERSION: Literal[1] = 1
@@ -151,3 +152,15 @@ class ErrorEvent(BaseModel):
 def sse(event: str, body: BaseModel | dict[str, Any]) -> str:
     data = body.model_dump_json() if isinstance(body, BaseModel) else json.dumps(body)
     return f"event: {event}\ndata: {data}\n\n"
+
+
+def first_event(out: RequestOutput, late: bool, req: PrefillRequest) -> FirstEvent:
+    """The `first` SSE event of a request's first output (with its refined prompt if asked)."""
+    keep = None
+    if req.refine is not None:  # the engine scored the prompt right after its prefill
+        keep = keep_indices(out.prompt_importance, req.refine.ratio, req.refine.window)
+    return FirstEvent(token_id=out.new_token_ids[0], text=out.text_delta,
+                      prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                      finished=out.finished,
+                      finish_reason=out.finish_reason.value if out.finish_reason else None,
+                      late=late, keep_indices=keep)

@@ -40,8 +40,6 @@ import httpx
 from pd_serve.api.errors import APIError
 from pd_serve.config import PDConfig
 from pd_serve.engine.async_engine import EngineError
-from pd_serve.engine.outputs import RequestOutput
-from pd_serve.engine.refine import keep_indices
 from pd_serve.instance.admission import (
     REJECTIONS,
     decide_offer,
@@ -50,16 +48,17 @@ from pd_serve.instance.admission import (
 )
 from pd_serve.instance.messages import (
     ErrorEvent,
-    FirstEvent,
     HandoffDone,
     HandoffEvent,
     HandoffRequest,
     PrefillRequest,
     delta_event,
+    first_event,
     sse,
 )
 from pd_serve.instance.metrics import PrefillEvents
 from pd_serve.instance.peer_watch import PeerWatch
+from pd_serve.instance.prefill_layerwise import run_layerwise
 from pd_serve.instance.prefill_queue import SlotQueue, Ticket, Waiter
 from pd_serve.instance.runtime import Runtime, source_to_json
 
@@ -141,7 +140,7 @@ class PrefillRole:
             return self._expired(req), Ticket()
         if verdict == "start":
             slot = self.queue.acquire()
-            ticket = Ticket(lambda: self._spawn(self._free(slot, None)))
+            ticket = Ticket(lambda: self._spawn(self.free_slot(slot, None)))
             return self.run(req, slot, deadline, ticket), ticket
         waiter = self.queue.push(deadline)
         ticket = Ticket(lambda: self.queue.abandon(waiter))
@@ -168,6 +167,12 @@ class PrefillRole:
         """SSE body of one request holding `slot`; frees what it holds unless decode took over."""
         if ticket is not None:
             ticket.claim()  # no await until the `try` below, whose `finally` frees the slot
+        if self.pd.handoff_layerwise and not self.aggregated:
+            body = run_layerwise(self, req, slot, deadline)
+            async with aclosing(body):
+                async for event in body:
+                    yield event
+            return
         rid, params = req.request_id, req.sampling.params()
         started = time.monotonic()
         prompt = list(req.prompt_token_ids)
@@ -184,7 +189,7 @@ class PrefillRole:
             self.events.prefill_seconds.observe(time.monotonic() - started)
             late = past_deadline(deadline, time.monotonic())
             self.late += late
-            yield sse("first", _first_event(first, late, req))
+            yield sse("first", first_event(first, late, req))
             if first.finished:
                 return
             if self.aggregated:
@@ -195,20 +200,20 @@ class PrefillRole:
             try:
                 source = await self.rt.engine.call(lambda e: self._stage(e, slot, rid))
                 parked = False
-                peer = await self._offer(req, first.new_token_ids[0], source)
+                peer = await self.offer_handoff(req, first.new_token_ids[0], source)
             except Exception as exc:  # noqa: BLE001 - becomes the stream's error event
                 log.warning("hand-off of %s failed: %s", rid, exc)
                 self.events.handoff_failed("stage_failed" if parked else "not_accepted")
                 yield sse("error", ErrorEvent(message=f"hand-off failed: {exc}",
                                               code="handoff_failed"))
                 return
-            self._pending[rid] = _Pending(slot, peer, time.monotonic() + self.pd.handoff_timeout_s)
+            self.hold_for_decode(rid, slot, peer)
             handed = True
             yield sse("handoff", HandoffEvent(decode_url=peer, request_id=rid))
         finally:
             await outputs.aclose()
             if not handed:
-                self._spawn(self._free(slot, rid if parked else None))
+                self._spawn(self.free_slot(slot, rid if parked else None))
 
     def _stage(self, engine: Any, slot: int, rid: str) -> Any:
         """Engine thread: copies the parked request's KV into the slot buffer, frees its blocks."""
@@ -218,8 +223,14 @@ class PrefillRole:
         finally:
             engine.release_handoff(rid)
 
-    async def _offer(self, req: PrefillRequest, first_token_id: int, source: Any) -> str:
-        """POSTs the hand-off to the least busy decode peer that accepts it; its URL."""
+    def hold_for_decode(self, rid: str, slot: int, peer: str) -> None:
+        """`peer` took the hand-off: the slot is freed by its HandoffDone, its death or the
+        hand-off timeout, whichever comes first."""
+        self._pending[rid] = _Pending(slot, peer, time.monotonic() + self.pd.handoff_timeout_s)
+
+    async def offer_handoff(self, req: PrefillRequest, first_token_id: int, source: Any) -> str:
+        """POSTs the hand-off to the least busy decode peer that accepts it; its URL
+        (`first_token_id` -1: layer-wise, decode reads it from the progress trailer)."""
         body = HandoffRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
             first_token_id=first_token_id, sampling=req.sampling,
@@ -252,7 +263,7 @@ class PrefillRole:
 
     def _settle(self, rid: str, pending: _Pending) -> None:
         self.in_flight[pending.peer] = max(0, self.in_flight.get(pending.peer, 0) - 1)
-        self._spawn(self._free(pending.slot, None))
+        self._spawn(self.free_slot(pending.slot, None))
 
     def _peer_lost(self, peer: str) -> None:
         """The watch declared `peer` dead: every slot handed to it is freed now."""
@@ -264,7 +275,9 @@ class PrefillRole:
             log.warning("decode peer %s died with %d hand-off(s) pending; their slots are freed: "
                         "%s", peer, len(lost), ", ".join(lost))
 
-    async def _free(self, slot: int, parked_rid: str | None) -> None:
+    async def free_slot(self, slot: int, parked_rid: str | None) -> None:
+        """Engine thread: releases the parked request's blocks (if any) and the slot buffer;
+        then the slot returns to the pool."""
         def release(engine: Any) -> None:
             if parked_rid is not None:
                 engine.release_handoff(parked_rid)
@@ -316,14 +329,3 @@ class PrefillRole:
                 "dead_decode_peers": self.watch.health.dead(),
                 "handoffs_lost_to_dead_peers": self.lost_to_dead_peers,
                 "kv_leak_check": leak}
-
-
-def _first_event(out: RequestOutput, late: bool, req: PrefillRequest) -> FirstEvent:
-    keep = None
-    if req.refine is not None:  # the engine scored the prompt right after its prefill
-        keep = keep_indices(out.prompt_importance, req.refine.ratio, req.refine.window)
-    return FirstEvent(token_id=out.new_token_ids[0], text=out.text_delta,
-                      prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
-                      finished=out.finished,
-                      finish_reason=out.finish_reason.value if out.finish_reason else None,
-                      late=late, keep_indices=keep)

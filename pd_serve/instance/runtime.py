@@ -152,7 +152,26 @@ def make_sender(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_token
     from pd_serve.kv.sender import KVSender
 
     layout, buffers = _kv_side(cfg, runner, max_tokens)
-    return KVSender(transport, layout, cfg.pd.b_p, buffers)
+    if cfg.pd.handoff_layerwise and not runner.supports_layer_hook:
+        raise ValueError(f"pd.handoff_layerwise needs a runner that stages layers during "
+                         f"prefill (model.backend torch); {type(runner).__name__} cannot")
+    sender = KVSender(transport, layout, cfg.pd.b_p, buffers)
+    if cfg.pd.transport == "nccl":
+        sender.on_progress = _ready_event_hook(transport, cfg.model.device)
+    return sender
+
+
+def _ready_event_hook(transport: Any, device: str) -> Any:
+    """NCCL: a slot's reads are served after everything queued on the compute stream so far
+    (layer copies, progress words), without a host sync (transport.set_ready_event)."""
+    import torch
+
+    def on_progress(handle: int) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(torch.device(device)))
+        transport.set_ready_event(handle, event)
+
+    return on_progress
 
 
 def make_receiver(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_tokens: int) -> Any:

@@ -110,8 +110,9 @@ def check_clean(c: PDCluster) -> None:
         wait_clean(proc)
 
 
-@pytest.mark.parametrize("cluster", [{"handoff_mode": m} for m in MODES], indirect=True,
-                         ids=MODES)
+@pytest.mark.parametrize("cluster", [*({"handoff_mode": m} for m in MODES),
+                                     {"handoff_layerwise": True}], indirect=True,
+                         ids=[*MODES, "layerwise"])
 def test_greedy_equals_aggregated(cluster: PDCluster,
                                   aggregated: list[tuple[str | None, Any]]) -> None:
     assert cluster.frontend is not None
@@ -261,6 +262,8 @@ def test_dead_decode_peer_is_skipped_then_used_again(cluster: PDCluster) -> None
     check_clean(cluster)
 
 
+@pytest.mark.parametrize("cluster", [{}, {"handoff_layerwise": True}], indirect=True,
+                         ids=["staged", "layerwise"])
 def test_client_cancel_leaves_no_leaks(cluster: PDCluster) -> None:
     assert cluster.frontend is not None
     stream = _client(cluster.frontend.url).completions.create(
@@ -272,6 +275,32 @@ def test_client_cancel_leaves_no_leaks(cluster: PDCluster) -> None:
     stream.close()
     check_clean(cluster)
     assert cluster.decodes[0].stats()["engine"]["caller_aborts"] >= 1
+
+
+@pytest.mark.parametrize("cluster", [{"handoff_layerwise": True}], indirect=True)
+def test_layerwise_handoff_ended_by_prefill_frees_both_sides(cluster: PDCluster) -> None:
+    """Decode is engaged before the prefill: a prefill that fails (a token id the engine
+    refuses) or a request that ends at its first token ends the hand-off on both sides, with
+    nothing left held and no decode failure counted; then a normal request goes through."""
+    assert cluster.prefill is not None and cluster.frontend is not None
+    tok = Tokenizer(DEMO_MODEL)
+    for rid, ids, max_tokens, want in (
+            ("bad-token", [5, 10**6, 7], 4, ["error"]),  # the engine refuses it: prefill_failed
+            ("one", tok.encode(PROMPTS[1]), 1, ["first"])):
+        body = {"request_id": rid, "prompt_token_ids": ids,
+                "sampling": {"max_tokens": max_tokens, "temperature": 0.0}}
+        events = []
+        with httpx.stream("POST", f"{cluster.prefill.url}/internal/prefill", json=body,
+                          timeout=60) as r:
+            assert r.status_code == 200
+            events = [line[6:].strip() for line in r.iter_lines() if line.startswith("event:")]
+        assert events == want
+        check_clean(cluster)
+    assert cluster.decodes[0].stats()["failed_handoffs"] == 0  # ended by prefill: no failure
+    done = _client(cluster.frontend.url).completions.create(model=MODEL, prompt=PROMPTS[0],
+                                                            max_tokens=6, temperature=0)
+    assert done.usage is not None and done.usage.completion_tokens == 6
+    check_clean(cluster)
 
 
 @pytest.mark.slow

@@ -103,8 +103,9 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[GpuPD]:
 
 
 @pytest.mark.parametrize("cluster", [{"handoff_mode": "bulk"}, {"handoff_mode": "per_layer"},
-                                     {"handoff_mode": "bulk", "device_checksum": "none"}],
-                         indirect=True, ids=["bulk", "per_layer", "no_checksum"])
+                                     {"handoff_mode": "bulk", "device_checksum": "none"},
+                                     {"handoff_layerwise": True}],
+                         indirect=True, ids=["bulk", "per_layer", "no_checksum", "layerwise"])
 def test_greedy_equals_aggregated_over_nccl(cluster: GpuPD,
                                             aggregated: list[tuple[str | None, Any]]) -> None:
     assert greedy_outputs(_client(cluster.gateway.url)) == aggregated

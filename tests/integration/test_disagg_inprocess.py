@@ -217,8 +217,8 @@ def test_faults_fail_cleanly(runners: tuple[ModelRunner, ModelRunner], tokenizer
         return src
 
     def past_the_region(slot: int, src: HandoffSource) -> HandoffSource:
-        # The region ends before the layout does: a truncated source.
-        shift = d.sender.slot_layout.total_bytes - src.layout.total_bytes + 64
+        # The region (KV and progress trailer) ends before the layout does: a truncated source.
+        shift = d.sender.buffer(slot).nbytes - src.layout.total_bytes + 64
         return dataclasses.replace(src, offset=shift)
 
     fail_one(d, "r0", flip_byte, r"checksum mismatch in layer\(s\) \[2\]")

@@ -42,3 +42,16 @@ def test_nccl_needs_torch_on_cuda() -> None:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device="cpu"))
     with pytest.raises(ValueError, match="nccl needs model.backend torch on a cuda device"):
         _kv_side(cfg, object(), 16)  # type: ignore[arg-type]
+
+
+def test_layerwise_needs_a_runner_with_a_layer_hook() -> None:
+    from pd_serve.instance.runtime import make_sender
+    from pd_serve.kv.transport import FakeTransport
+    from tests.fakes import FakeModelRunner
+
+    cfg = load_serve_config("configs/deploy/local-pd.yaml")
+    cfg = dataclasses.replace(cfg, pd=dataclasses.replace(cfg.pd, handoff_layerwise=True))
+    transport = FakeTransport()
+    with pytest.raises(ValueError, match="handoff_layerwise needs a runner"):
+        make_sender(cfg, transport, FakeModelRunner(), 16)
+    assert transport.num_registered == 0
