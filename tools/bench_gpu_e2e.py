@@ -2,9 +2,10 @@
 
 Both deployments run the same model, engine and gateway (forwarding with rejections); only the
 instances differ: `pd` is a prefill instance on cuda:0 handing KV over NCCL to a decode instance
-on cuda:1, `agg` is two `aggregated`-role instances (prefill and decode in one engine), one per
-GPU. For every request rate, `pd-serve bench run` replays the same trace requests with Poisson
-arrivals and reports goodput at the TTFT and TPOT SLOs, TTFT/TPOT percentiles and throughput.
+on cuda:1 (`pdlw`: the same with the layer-wise hand-off), `agg` is two `aggregated`-role
+instances (prefill and decode in one engine), one per GPU. For every request rate,
+`pd-serve bench run` replays the same trace requests with Poisson arrivals and reports goodput
+at the TTFT and TPOT SLOs, TTFT/TPOT percentiles and throughput.
 
 Usage (on a machine with two GPUs; the model dir from tools/make_random_model.py):
   python tools/bench_gpu_e2e.py --model-dir /tmp/llama3-8b --trace TRACE --out OUT.json
@@ -42,8 +43,9 @@ def write_config(path: Path, args: argparse.Namespace, mode: str) -> Path:
            "scheduler": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                          "max_num_batched_tokens": args.max_model_len},
            "server": {"max_tokens_default": 256},
-           "pd": {"transport": "nccl" if mode == "pd" else "tcp",
-                  "b_p": args.b_p if mode == "pd" else args.max_num_seqs,
+           "pd": {"transport": "tcp" if mode == "agg" else "nccl",
+                  "handoff_layerwise": mode == "pdlw",
+                  "b_p": args.max_num_seqs if mode == "agg" else args.b_p,
                   "device_checksum": args.checksum, "forward_deadline_s": 60.0,
                   "handoff_timeout_s": 120.0, "fetch_timeout_s": 60.0,
                   "attach_timeout_s": 60.0}}
@@ -84,9 +86,9 @@ def start(mode: str, config: Path, log_dir: Path) -> tuple[str, list[subprocess.
         wait_healthy(url, procs[-1])
         return url
 
-    if mode == "pd":
-        decode = launch("pd-decode", ["instance", "--role", "decode", "--device", "cuda:1"])
-        prefill = launch("pd-prefill", ["instance", "--role", "prefill", "--device", "cuda:0",
+    if mode in ("pd", "pdlw"):
+        decode = launch(f"{mode}-decode", ["instance", "--role", "decode", "--device", "cuda:1"])
+        prefill = launch(f"{mode}-prefill", ["instance", "--role", "prefill", "--device", "cuda:0",
                                         "--decode-peers", decode])
         instances = prefill
     else:
@@ -136,7 +138,7 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu_e2e"))
-    ap.add_argument("--modes", default="pd,agg")
+    ap.add_argument("--modes", default="pd,pdlw,agg")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--num-prompts", type=int, default=60)
     ap.add_argument("--max-output", type=int, default=256)
