@@ -4,7 +4,8 @@
 # hang cannot eat the whole call.
 #   tools/gpu_run.sh tests            every test under tests/gpu (2 GPUs for the NCCL ones)
 #   tools/gpu_run.sh quick            smoke runs of the four benchmarks (--quick)
-#   tools/gpu_run.sh kernels|handoff|engine|e2e   one full benchmark
+#   tools/gpu_run.sh kernels|handoff|engine|e2e|e2e_lw   one full benchmark (e2e_lw: the
+#                                     trace replay with the layer-wise hand-off)
 # Steps can be combined: tools/gpu_run.sh tests quick
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,9 @@ for what in "$@"; do
     handoff) step handoff 540 python tools/bench_gpu_handoff.py --out "$RAW/bench_gpu_handoff.json" ;;
     engine) step engine 540 python tools/bench_gpu_engine.py --out "$RAW/bench_gpu_engine.json" ;;
     e2e) step e2e 580 python tools/bench_gpu_e2e.py --model-dir "$MODEL" --trace "$TRACE" \
-           --out "$RAW/bench_gpu_e2e.json" --work /tmp/bench_gpu_e2e ;;
+           --modes pd,agg --out "$RAW/bench_gpu_e2e.json" --work /tmp/bench_gpu_e2e ;;
+    e2e_lw) step e2e_lw 400 python tools/bench_gpu_e2e.py --model-dir "$MODEL" --trace "$TRACE" \
+           --modes pdlw --out "$RAW/bench_gpu_e2e_lw.json" --work /tmp/bench_gpu_e2e_lw ;;
     *) echo "unknown step $what"; exit 2 ;;
   esac
 done
