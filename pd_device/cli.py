@@ -46,6 +46,8 @@ def run(
         help="No first cloud token by then: device-only.")] = 2.0,
     max_gap_ms: Annotated[float, typer.Option(help="Bound on any gap while buffered.")] = 250.0,
     slowdown: Annotated[float, typer.Option(help="Emulate a slower device (>= 1).")] = 1.0,
+    wake_allowance_ms: Annotated[float, typer.Option(
+        help="Display wake-up lateness allowed for below the gap bound.")] = 10.0,
 ) -> None:
     """Serve one prompt: the cloud's first token at once, then a continuous stream."""
     from pd_device.config import DeviceConfig
@@ -56,7 +58,7 @@ def run(
     cfg = or_exit(lambda: DeviceConfig(
         model_dir=resolve_model_dir(model), backend=backend, threads=threads, cloud_url=cloud,
         model_name=model_name, ttft_target_s=ttft_target_s, max_gap_s=max_gap_ms / 1000,
-        slowdown=slowdown))
+        slowdown=slowdown, display_jitter_s=wake_allowance_ms / 1000))
     settings = or_exit(lambda: Settings(n_cloud=n_cloud, rho=rho, pace_s=pace_ms / 1000,
                                         mode=mode))
     params = or_exit(lambda: SamplingParams(max_tokens=max_tokens, temperature=temperature))

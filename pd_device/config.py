@@ -20,7 +20,9 @@ class DeviceConfig:
     `cloud_url` is the gateway's base URL (None: device-only). `model_name` is the id the
     gateway serves (default: the model directory's name). `ttft_target_s`: no first cloud
     token by then -> device-only.
-    `max_gap_s`: the speed controller's bound on the gap between two shown tokens.
+    `max_gap_s`: the speed controller's bound on the gap between two shown tokens;
+    `display_jitter_s`: the display's wake-up lateness it allows for (gaps are planned up to
+    `max_gap_s - display_jitter_s`; must be below `max_gap_s`).
     `chunk_max_tokens` bounds one local prefill chunk (the device re-plans between chunks).
     `warmup_context`: static-shape backends (MindSpore) compile their decode graphs for contexts
     up to this many tokens at start (each new shape otherwise compiles on first use, seconds on
@@ -44,6 +46,7 @@ class DeviceConfig:
     ttft_target_s: float = 2.0
     max_gap_s: float = 0.25
     margin_s: float | None = None  # controller margin; None: one measured decode step
+    display_jitter_s: float = 0.01
     connect_timeout_s: float = 3.0
     refine_window: int = 32
     slowdown: float = 1.0
@@ -69,6 +72,10 @@ class DeviceConfig:
         if self.margin_s is not None and not (math.isfinite(self.margin_s)
                                               and self.margin_s >= 0):
             raise ValueError(f"margin_s must be a number >= 0, got {self.margin_s!r}")
+        if not (math.isfinite(self.display_jitter_s)
+                and 0.0 <= self.display_jitter_s < self.max_gap_s):
+            raise ValueError(f"display_jitter_s must be >= 0 and below max_gap_s "
+                             f"({self.max_gap_s!r}), got {self.display_jitter_s!r}")
         if self.refine_window < 0:
             raise ValueError(f"refine_window must be >= 0, got {self.refine_window}")
         if not math.isfinite(self.slowdown) or self.slowdown < 1.0:

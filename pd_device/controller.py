@@ -10,12 +10,15 @@ The rule (docs/pd_device.md, "Speed controller", has the derivation):
   and `S`, the tokens that will be available to show before then (buffered plus cloud tokens
   arriving in time). Spreading them evenly over the time left needs the gap
   `g_need = (now - last_display + T) / (S + 1)` (S tokens and then the first local token). The
-  gap is `max(pace_s, g_need)` capped at `max_gap_s`: the pace when comfortable, slower (never
+  gap is `max(pace_s, g_need)` capped (below): the pace when comfortable, slower (never
   beyond the cap) to avoid running dry before the hand-over.
 * Once the device has caught up (`local_started`) the gap is `min(pace_s, decode_step_s)`:
   tokens are not held longer than the device needs to make its next one.
+* Every gap is capped at `bound = max_gap_s - jitter_s`, the pace too: the display thread
+  wakes up to `jitter_s` late (scheduling, the GIL held by the worker's model step), so a gap
+  planned up to `bound` is shown within `max_gap_s` even when it wakes that late.
 * The token is shown at `max(now, last_display + gap)`: display times are monotone and, while a
-  token is buffered, no gap exceeds `max_gap_s`.
+  token is buffered, no planned gap exceeds `bound` (no shown gap `max_gap_s`, wake-up included).
 """
 
 from __future__ import annotations
@@ -26,20 +29,31 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    """`pace_s`: target gap when comfortable; `max_gap_s`: the bound on any gap while a token is
-    buffered; `margin_s`: added to the hand-over estimate (chunk granularity, scheduling)."""
+    """`pace_s`: target gap when comfortable; `max_gap_s`: the bound on any shown gap while a
+    token is buffered; `margin_s`: added to the hand-over estimate (chunk granularity,
+    scheduling); `jitter_s`: the allowance for the display's wake-up lateness, kept free
+    below `max_gap_s` (must be smaller than it)."""
 
     pace_s: float
     max_gap_s: float
     margin_s: float = 0.0
+    jitter_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("pace_s", "max_gap_s", "margin_s"):
+        for name in ("pace_s", "max_gap_s", "margin_s", "jitter_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.max_gap_s <= 0:
             raise ValueError(f"max_gap_s must be positive, got {self.max_gap_s!r}")
+        if self.jitter_s >= self.max_gap_s:
+            raise ValueError(f"jitter_s ({self.jitter_s!r}) must be below max_gap_s "
+                             f"({self.max_gap_s!r})")
+
+    @property
+    def bound_s(self) -> float:
+        """The largest gap the controller plans: `max_gap_s - jitter_s`."""
+        return self.max_gap_s - self.jitter_s
 
 
 @dataclass(frozen=True)
@@ -96,12 +110,12 @@ def supply_before(state: ControllerState, eta_s: float) -> int:
 def target_gap(state: ControllerState, cfg: ControllerConfig) -> float:
     """The gap to keep after the last display (see the module docstring)."""
     if state.local_started:
-        return min(cfg.pace_s, max(state.decode_step_s, 0.0), cfg.max_gap_s)
+        return min(cfg.pace_s, max(state.decode_step_s, 0.0), cfg.bound_s)
     eta = prefill_eta_s(state)
     takeover = eta + max(state.decode_step_s, 0.0) + cfg.margin_s
     elapsed = 0.0 if state.last_display is None else max(state.now - state.last_display, 0.0)
     need = (elapsed + takeover) / (supply_before(state, eta) + 1)
-    return min(max(cfg.pace_s, need), cfg.max_gap_s)
+    return min(max(cfg.pace_s, need), cfg.bound_s)
 
 
 def next_display_time(state: ControllerState, cfg: ControllerConfig) -> float | None:

@@ -7,7 +7,8 @@ Lifecycle:
    whole stream, so the cloud-to-device seam is invisible and stop strings spanning it match)
    and returns once a token ends the stream (stop token or string, the output budget) or no
    token can come any more (error, abort);
-3. afterwards `shown` and `finish_reason` hold the result.
+3. afterwards `shown` and `finish_reason` hold the result, and `wake_late_s` how late the
+   display woke after each timed wait that ran out (the controller's `jitter_s` must cover it).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Display:
         self._text = OutputText(tokenizer, params.stop, params.include_stop_str_in_output)
         self.shown: list[DisplayEvent] = []
         self.finish_reason: str | None = None
+        self.wake_late_s: list[float] = []
 
     def events(self) -> Iterator[DisplayEvent]:
         last: float | None = None
@@ -81,7 +83,8 @@ class Display:
                            eta_s=prefill_eta_s(state), prefill_tps=state.prefill_tps,
                            local_started=state.local_started)
                     return token
-                s.cond.wait(due - now)  # woken early when the state changes
+                if not s.cond.wait(due - now):  # woken early when the state changes
+                    self.wake_late_s.append(max(time.monotonic() - due, 0.0))
 
     def _release(self, token_id: int, finish: str | None) -> tuple[str | None, str]:
         """Pushes the token through the stop-string matcher; returns (finish reason, text)."""

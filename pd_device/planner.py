@@ -17,10 +17,12 @@ which is the worst case because every profile curve is nondecreasing in tokens):
   catch-up H = (Tr + sum of D(step)) (1 + `margin_frac`) + `margin_s`, D = the device's
   prefill step time (profiled as a high percentile of engine steps, not the mean); it then
   decodes one token per device decode step (profiled the same way).
-Constraints: TTFT = T1 <= target; every gap <= max TPOT, i.e. pace <= max TPOT, decode step <=
-max TPOT and the hand-over gap H - N * pace <= max TPOT (the device catches up before the N
-cloud tokens run out at the chosen pace); quality(rho) >= floor, where the quality curve holds
-lower confidence bounds (pd_device.profiles).
+Constraints: TTFT = T1 <= target; every gap <= B = max TPOT - `display_jitter_s` (the display
+wakes up to that late, so a gap planned within B is shown within max TPOT; the speed controller
+caps its gaps at the same B), i.e. pace <= B, decode step <= B and the hand-over gap
+H - N * pace <= B (the device catches up before the N cloud tokens run out at the chosen
+pace); quality(rho) >= floor, where the quality curve is the class's prompt-length band's
+(`Profiles.quality_for`) and holds lower confidence bounds (pd_device.profiles).
 Cloud occupancy of a P/D-Device request = cloud TTFT(P) + N * cloud TPOT (its prefill plus N
 decode steps); device-only costs 0 and cloud-only the whole output (infinite here, as the
 class has no output length).
@@ -91,7 +93,9 @@ class Grid:
     the catch-up is costed in the steps the worker runs), safety margins on the predicted
     catch-up (`margin_frac` of it plus `margin_s`: scheduling, measurement spread), and
     whether device-only may be chosen when it meets the targets (False: P/D-Device whenever
-    it is feasible, e.g. to evaluate it; device-only stays the fallback for a slow cloud)."""
+    it is feasible, e.g. to evaluate it; device-only stays the fallback for a slow cloud).
+    `display_jitter_s`: the display's wake-up lateness allowed for below max TPOT (as
+    DeviceConfig.display_jitter_s, which the runtime's controller uses)."""
 
     rhos: tuple[float, ...] = DEFAULT_RHOS
     paces_s: tuple[float, ...] = DEFAULT_PACES_S
@@ -106,6 +110,7 @@ class Grid:
     bytes_per_index: float = 6.0  # one keep index in the `refined` event
     token_event_bytes: float = 120.0  # one SSE `token` event
     allow_device_only: bool = True
+    display_jitter_s: float = 0.01
 
     def __post_init__(self) -> None:
         if 1.0 not in self.rhos or any(not 0.0 < r <= 1.0 for r in self.rhos):
@@ -117,6 +122,7 @@ class Grid:
                              f"{self.refine_window}")
         finite_number(self.margin_s, "margin_s")
         finite_number(self.margin_frac, "margin_frac")
+        finite_number(self.display_jitter_s, "display_jitter_s")
         if self.block_size < 1 or self.chunk_max_tokens < self.block_size:
             raise ValueError(f"need 1 <= block_size <= chunk_max_tokens, got "
                              f"{self.block_size}, {self.chunk_max_tokens}")
@@ -197,11 +203,23 @@ def catchup_s(cls: RequestClass, n: int, rho: float, grid: Grid = DEFAULT_GRID) 
             * (1.0 + grid.margin_frac) + grid.margin_s)
 
 
+def gap_bound_s(targets: Targets, grid: Grid = DEFAULT_GRID) -> float:
+    """B: the largest gap the plan may schedule, max TPOT less the display's wake-up allowance
+    (ValueError when the allowance leaves nothing); rounded to the nanosecond so that a grid
+    pace equal to it is the same candidate."""
+    bound = round(targets.max_tpot_s - grid.display_jitter_s, 9)
+    if bound <= 0:
+        raise ValueError(f"display_jitter_s ({grid.display_jitter_s}) must be below max_tpot_s "
+                         f"({targets.max_tpot_s})")
+    return bound
+
+
 def pd_feasible(cls: RequestClass, profiles: Profiles, targets: Targets, n: int, rho: float,
                 pace_s: float, grid: Grid = DEFAULT_GRID) -> bool:
     """Whether P/D-Device with (n, rho, pace) meets every target under the timing model."""
-    gap = targets.max_tpot_s
-    if cloud_first_s(cls, profiles, grid) > targets.ttft_s or profiles.quality(rho) < \
+    gap = gap_bound_s(targets, grid)
+    quality = profiles.quality_for(cls.prompt_len_band)(rho)
+    if cloud_first_s(cls, profiles, grid) > targets.ttft_s or quality < \
             targets.quality_floor or cls.device_speed.decode_step_s > gap or pace_s > gap:
         return False
     if n > 0 and pace_s < token_interval_s(cls, profiles, grid):
@@ -210,8 +228,9 @@ def pd_feasible(cls: RequestClass, profiles: Profiles, targets: Targets, n: int,
 
 
 def pace_candidates(targets: Targets, grid: Grid = DEFAULT_GRID) -> list[float]:
-    """Grid paces up to max TPOT, and max TPOT itself, ascending."""
-    return sorted({p for p in grid.paces_s if p <= targets.max_tpot_s} | {targets.max_tpot_s})
+    """Grid paces up to B (`gap_bound_s`), and B itself, ascending."""
+    bound = gap_bound_s(targets, grid)
+    return sorted({p for p in grid.paces_s if p <= bound} | {bound})
 
 
 def plan(cls: RequestClass, profiles: Profiles, targets: Targets,
@@ -228,7 +247,7 @@ def explain(cls: RequestClass, profiles: Profiles, targets: Targets,
     t1 = cloud_first_s(cls, profiles, grid)
     dev_ttft = device_prefill_s(dev, p, grid)
     if grid.allow_device_only and dev_ttft <= targets.ttft_s and \
-            dev.decode_step_s <= targets.max_tpot_s:
+            dev.decode_step_s <= gap_bound_s(targets, grid):
         return _device_only(dev, f"device alone meets the targets (TTFT {dev_ttft:.3f} s <= "
                                  f"{targets.ttft_s:.3f} s): no cloud needed", True, dev_ttft)
     found = _search(cls, profiles, targets, grid)
@@ -240,7 +259,7 @@ def explain(cls: RequestClass, profiles: Profiles, targets: Targets,
         return Plan(Settings(n_cloud=n, rho=rho, pace_s=pace, mode="pd_device"),
                     f"P/D-Device: {n} cloud token(s) cover the device's catch-up of "
                     f"{catch:.3f} s at pace {pace * 1e3:.0f} ms", True, occ,
-                    profiles.quality(rho), t1, gap, catch)
+                    profiles.quality_for(cls.prompt_len_band)(rho), t1, gap, catch)
     return _fallback(cls, profiles, targets, grid, t1, dev_ttft)
 
 
@@ -250,7 +269,8 @@ def _search(cls: RequestClass, profiles: Profiles, targets: Targets,
     first N with any feasible setting wins, with its largest feasible rho; the hand-over
     condition only gets looser with a larger pace, so the largest pace decides whether a
     (N, rho) is feasible, and then the smallest pace that is feasible is taken."""
-    rhos = sorted(r for r in set(grid.rhos) if profiles.quality(r) >= targets.quality_floor)
+    quality = profiles.quality_for(cls.prompt_len_band)
+    rhos = sorted(r for r in set(grid.rhos) if quality(r) >= targets.quality_floor)
     paces = pace_candidates(targets, grid)
     if not rhos:
         return None
@@ -278,16 +298,16 @@ def _fallback(cls: RequestClass, profiles: Profiles, targets: Targets, grid: Gri
                                  f"{targets.ttft_s:.3f} s: device-only (TTFT {dev_ttft:.3f} s,"
                                  f" decode step {dev.decode_step_s * 1e3:.1f} ms)", False,
                             dev_ttft)
-    c = token_interval_s(cls, profiles, grid)
-    if dev.decode_step_s > targets.max_tpot_s:
-        why = (f"device decode step {dev.decode_step_s * 1e3:.1f} ms exceeds max TPOT "
-               f"{targets.max_tpot_s * 1e3:.1f} ms")
-    elif c > targets.max_tpot_s:
-        why = (f"cloud tokens arrive every {c * 1e3:.1f} ms, more than max TPOT "
-               f"{targets.max_tpot_s * 1e3:.1f} ms, and the device cannot take over after the "
-               f"first token")
+    c, bound = token_interval_s(cls, profiles, grid), gap_bound_s(targets, grid)
+    if dev.decode_step_s > bound:
+        why = (f"device decode step {dev.decode_step_s * 1e3:.1f} ms exceeds max TPOT less the "
+               f"wake-up allowance, {bound * 1e3:.1f} ms")
+    elif c > bound:
+        why = (f"cloud tokens arrive every {c * 1e3:.1f} ms, more than max TPOT less the "
+               f"wake-up allowance, {bound * 1e3:.1f} ms, and the device cannot take over after "
+               f"the first token")
     else:
         why = (f"the device cannot catch up within {grid.n_max} cloud tokens (device TTFT "
                f"{dev_ttft:.3f} s > target {targets.ttft_s:.3f} s)")
     return Plan(Settings(n_cloud=0, rho=1.0, pace_s=c, mode="cloud_only"),
-                f"{why}: cloud-only", c <= targets.max_tpot_s, math.inf, 1.0, t1, c)
+                f"{why}: cloud-only", c <= bound, math.inf, 1.0, t1, c)

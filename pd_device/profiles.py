@@ -12,6 +12,13 @@ measured) and is 0.0 below its smallest measured rho: a refinement nobody measur
 trusted. Its points are meant to be lower confidence bounds (tools/bench_device_lib.py,
 QUALITY_DEFINITION), so the planner's quality floor holds against the bound, not the mean.
 
+Quality depends on the prompt's length (a long prompt refined to the same rho loses more), so
+`Profiles.quality_bands` may hold one curve per prompt-length band, each measured on held-out
+prompts of that band's lengths; `Profiles.quality_for(band)` gives the curve a request class
+plans with: the pointwise minimum of the curves of every measured band its band overlaps, else
+the curve of the nearest measured band (ties: the longer prompts', the pessimistic side), and
+`Profiles.quality` when no band was measured.
+
 Files written by tools/profile_device.py load with `Profiles.load(path)`.
 """
 
@@ -165,21 +172,72 @@ class QualityCurve:
         return 0.0 if i == 0 else self._ys[i - 1]
 
 
+    @classmethod
+    def minimum(cls, curves: Sequence[QualityCurve]) -> QualityCurve:
+        """The pointwise minimum of step curves (a step curve on the union of their points)."""
+        xs = sorted({x for c in curves for x in c._xs if x != 1.0})
+        return cls(tuple((x, min(c(x) for c in curves)) for x in xs))
+
+
+@dataclass(frozen=True)
+class QualityBand:
+    """The quality curve measured on prompts of `lo`..`hi` tokens (`prompts` of them)."""
+
+    lo: int
+    hi: int
+    curve: QualityCurve
+    prompts: int = 0
+
+    def __post_init__(self) -> None:
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.lo, self.hi)) \
+                or not 1 <= self.lo <= self.hi:
+            raise ValueError(f"quality band must be integers 1 <= lo <= hi, got "
+                             f"({self.lo!r}, {self.hi!r})")
+
+    def distance(self, lo: int, hi: int) -> int:
+        """Tokens between this band and [lo, hi] (0 when they overlap)."""
+        return max(self.lo - hi, lo - self.hi, 0)
+
+
 @dataclass(frozen=True)
 class Profiles:
-    """Everything the planner reads, plus where it was measured (`provenance`)."""
+    """Everything the planner reads, plus where it was measured (`provenance`);
+    `quality_bands`: quality per prompt-length band, disjoint, ascending (see the module
+    docstring), `quality` the curve over all prompts."""
 
     device: DeviceProfile
     cloud: CloudProfile
     quality: QualityCurve = field(default_factory=QualityCurve)
     provenance: dict[str, Any] = field(default_factory=dict)
+    quality_bands: tuple[QualityBand, ...] = ()
+
+    def __post_init__(self) -> None:
+        b = self.quality_bands
+        if any(not isinstance(x, QualityBand) for x in b) or \
+                any(y.lo <= x.hi for x, y in zip(b, b[1:])):
+            raise ValueError("quality_bands must be QualityBands, disjoint and ascending, got "
+                             f"{[(x.lo, x.hi) for x in b if isinstance(x, QualityBand)]}")
+
+    def quality_for(self, band: tuple[int, int]) -> QualityCurve:
+        """The quality curve for prompts of band[0]..band[1] tokens (module docstring)."""
+        if not self.quality_bands:
+            return self.quality
+        lo, hi = band
+        near = min(self.quality_bands, key=lambda x: (x.distance(lo, hi), -x.lo))
+        if near.distance(lo, hi) > 0:
+            return near.curve
+        over = [x.curve for x in self.quality_bands if x.distance(lo, hi) == 0]
+        return over[0] if len(over) == 1 else QualityCurve.minimum(over)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROFILES_VERSION, "provenance": self.provenance,
                 "device": {"name": self.device.name, "prefill_s": self.device.prefill.to_list(),
                            "decode_step_s": self.device.decode_step_s},
                 "cloud": {"ttft_s": self.cloud.ttft.to_list(), "tpot_s": self.cloud.tpot_s},
-                "quality": [[r, q] for r, q in self.quality.raw]}
+                "quality": [[r, q] for r, q in self.quality.raw],
+                "quality_bands": [{"band": [b.lo, b.hi], "prompts": b.prompts,
+                                   "quality": [[r, q] for r, q in b.curve.raw]}
+                                  for b in self.quality_bands]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Profiles:
@@ -193,9 +251,13 @@ class Profiles:
             cloud_p = CloudProfile(TimeCurve(tuple(map(tuple, cloud["ttft_s"]))),
                                    cloud["tpot_s"])
             quality = QualityCurve(tuple(map(tuple, data.get("quality", [[1.0, 1.0]]))))
-        except (KeyError, TypeError) as exc:
+            bands = tuple(QualityBand(int(b["band"][0]), int(b["band"][1]),
+                                      QualityCurve(tuple(map(tuple, b["quality"]))),
+                                      int(b.get("prompts", 0)))
+                          for b in data.get("quality_bands", []))
+        except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"profiles: missing or malformed field ({exc!r})") from exc
-        return cls(device, cloud_p, quality, dict(data.get("provenance", {})))
+        return cls(device, cloud_p, quality, dict(data.get("provenance", {})), bands)
 
     def save(self, path: str | Path) -> None:
         p = Path(path)

@@ -31,6 +31,8 @@ class RequestReport:
     modes; None when every token came from the cloud). `cloud_tokens_used`: cloud tokens shown.
     `reason`: why the mode is a fallback, or what ended the cloud stream early (None if nothing
     went wrong). Times are seconds; speeds are what the device measured during this request.
+    `wake_late_s`: how late the display thread woke after each timed wait (the measure of the
+    controller's `jitter_s` allowance).
     """
 
     mode: str
@@ -49,6 +51,7 @@ class RequestReport:
     reason: str | None = None
     e2e_s: float = 0.0
     trace: list[dict[str, Any]] = field(default_factory=list)  # Session.note events, t from 0
+    wake_late_s: list[float] = field(default_factory=list)  # display wake-up lateness
 
     @property
     def token_ids(self) -> list[int]:

@@ -181,7 +181,8 @@ class DeviceRuntime:
             session.worker_done = True
         ctrl = None if mode == "cloud_only" else ControllerConfig(
             pace_s=min(settings.pace_s, self.cfg.max_gap_s), max_gap_s=self.cfg.max_gap_s,
-            margin_s=self.decode_step_s if self.cfg.margin_s is None else self.cfg.margin_s)
+            margin_s=self.decode_step_s if self.cfg.margin_s is None else self.cfg.margin_s,
+            jitter_s=self.cfg.display_jitter_s)
         display = Display(session, self.tokenizer, params, self.eos_token_ids, ctrl, t0)
         return _Request(session, stream, worker, display, mode, t0)
 
@@ -238,7 +239,8 @@ def _report(req: _Request, now: float) -> RequestReport:
         prefill_tps=s.prefill_tps, decode_step_s=s.decode_step_s,
         finish_reason=req.display.finish_reason or "abort", reason=s.reason or s.cloud_failure,
         e2e_s=now - req.t0,
-        trace=[{**e, "t": e["t"] - req.t0} for e in s.trace])
+        trace=[{**e, "t": e["t"] - req.t0} for e in s.trace],
+        wake_late_s=list(req.display.wake_late_s))
 
 
 def _nothing() -> None:

@@ -48,9 +48,10 @@ from bench_device_lib import (  # noqa: E402
     WorkItem,
     build_workload,
     held_out_tokens,
+    lower_bound,
     measure_quality,
-    split_held_out,
 )
+from bench_device_profile import band_lengths, cut_prompts, measured_profiles, quality_bands  # noqa: E402,I001
 from bench_device_report import finish  # noqa: E402
 
 from pd_device.planner import Grid, Plan, RequestClass, Targets, explain  # noqa: E402
@@ -87,8 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--plan-margin-frac", type=float, default=0.15,
       help="Grid.margin_frac: relative safety margin on the predicted catch-up")
     a("--profile-repeats", type=int, default=5, help="device profile repeats per length")
-    a("--profile-quality-prompts", type=int, default=12,
-      help="quality profile prompts (held out from the evaluation's prompts)")
+    a("--profile-quality-prompts", type=int, default=4,
+      help="quality profile prompts per length band (held out from the evaluation's)")
+    a("--quality-bands", nargs="*", type=int, default=[512, 1024],
+      help="prompt-length band edges of the quality profile (tokens)")
+    a("--display-jitter", type=float, default=0.01,
+      help="configured display wake-up allowance (s); the run uses the larger of it and the "
+           "largest lateness measured in the warm-up pass")
     a("--profile-quality-output", type=int, default=32)
     a("--profile-rhos", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.75])
     a("--planner-device-only", action="store_true",
@@ -113,36 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.requests, args.max_output, args.max_model_len = 1, 24, 512
         args.rhos, args.quality_requests, args.quality_output = [0.5], 2, 16
         args.concurrency = 2
-        args.profile_quality_prompts, args.profile_quality_output = 4, 16
+        args.profile_quality_prompts, args.profile_quality_output = 2, 16
         args.profile_rhos, args.profile_repeats = [0.3, 0.5], 3
     if args.out is None:
         args.out = Path(os.environ.get("OUT", "results")) / "device_eval.json"
     return args
-
-
-def measured_profiles(args: argparse.Namespace, client: AssistClient,
-                      prompts: list[list[int]]) -> tuple[Profiles, dict[str, Any]]:
-    """Profiles measured now, as tools/profile_device.py measures them: the device in this
-    process (the runtime's backend and threads; engine steps, the 90th percentile of
-    `--profile-repeats`), the cloud through the assist API, and quality on `prompts` (held out
-    from the evaluation's); returns them with the raw measurements."""
-    from profile_device import measure_cloud, measure_device, profiles_of
-
-    # a profiled prompt leaves room for its 9 (cloud) or more (device) output tokens
-    lengths = [n for n in (16, 32, 64, 128, 256, 512, 1024, 2048)
-               if n <= args.max_model_len - 64]
-    dev = measure_device(args.model, args.device_backend, args.device_threads, lengths,
-                         [min(200, args.max_model_len // 2)], 16, args.profile_repeats)
-    cloud = measure_cloud(client, lengths, 8, 0.5, 2)
-    quality = None
-    if prompts:
-        runner = device_runner(args)
-        quality = measure_quality(runner, client, prompts, args.profile_rhos,
-                                  args.profile_quality_output)
-        runner.close()
-    raw = {"device": dev, "cloud": cloud, "quality": quality}
-    return profiles_of(dev, cloud, quality, args.device_slowdown,
-                       {"measured": "in the run"}), raw
 
 
 def device_runner(args: argparse.Namespace) -> Any:
@@ -154,15 +135,16 @@ def device_runner(args: argparse.Namespace) -> Any:
                                       num_blocks=-(-args.max_model_len // 16) + 2))
 
 
-def plan_all(items: list[WorkItem], prof: Profiles,
-             args: argparse.Namespace) -> tuple[list[Plan], list[str]]:
-    """The planner's settings per request (class: its own prompt length, loopback link), with
+def plan_all(items: list[WorkItem], prof: Profiles, args: argparse.Namespace,
+             jitter_s: float) -> tuple[list[Plan], list[str]]:
+    """The planner's settings per request (class: its own prompt length, loopback link; gaps
+    planned within max TPOT less the display wake-up allowance `jitter_s`), with
     device-only excluded unless `--planner-device-only` (so the P/D-Device slot measures
     P/D-Device; the modes the unrestricted planner would pick come second). `--n-cloud` /
     `--rho` / `--pace` override the planner's choice."""
     targets = Targets(args.ttft_target, args.max_tpot, args.quality_floor)
     grid = Grid(margin_s=args.plan_margin, margin_frac=args.plan_margin_frac,
-                n_max=args.max_output)
+                n_max=args.max_output, display_jitter_s=jitter_s)
     plans, free_modes = [], []
     for it in items:
         cls = RequestClass((it.input_len, it.input_len), args.link_rtt,
@@ -193,6 +175,7 @@ def serve_one(rt: Any, item: WorkItem, mode: str, settings: Settings) -> dict[st
             "cloud_tokens_used": r.cloud_tokens_used,
             "cloud_tokens_received": r.cloud_tokens_received,
             "refined_tokens": r.refined_tokens, "reason": r.reason, "wall_s": wall,
+            "wake_late_s": list(r.wake_late_s),
             "token_ids": [e.token_id for e in shown],
             "sources": "".join("c" if e.source == "cloud" else "d" for e in shown),
             "settings": vars(settings), **handover_trace(r.trace)}
@@ -211,11 +194,12 @@ def handover_trace(trace: list[dict[str, Any]]) -> dict[str, Any]:
             else local - first}
 
 
-def runtimes(args: argparse.Namespace, url: str, runner: Any) -> Callable[[], Any]:
+def runtimes(args: argparse.Namespace, url: str, runner: Any) -> Callable[[float], Any]:
     """A factory of DeviceRuntimes sharing `runner`, each with a fresh engine: every mode
     serves the same prompt, and a prefix-cache hit would make the later modes' device prefill
     free (the local cloud's prefix cache is off in its config). The first runtime warms the
-    runner up and measures the device; later ones start from its measurements."""
+    runner up and measures the device; later ones start from its measurements and take the
+    display wake-up allowance (DeviceConfig.display_jitter_s) the plans were made with."""
     from pd_device import DeviceConfig, DeviceRuntime
 
     cfg = DeviceConfig(
@@ -224,36 +208,51 @@ def runtimes(args: argparse.Namespace, url: str, runner: Any) -> Callable[[], An
         slowdown=args.device_slowdown, num_blocks=runner.num_blocks)
     base = DeviceRuntime(cfg, runner=runner)
 
-    def fresh() -> Any:
-        rt = DeviceRuntime(replace(cfg, warmup=False), runner=runner)
+    def fresh(jitter_s: float) -> Any:
+        rt = DeviceRuntime(replace(cfg, warmup=False, display_jitter_s=jitter_s), runner=runner)
         rt.prefill_tps, rt.decode_step_s = base.prefill_tps, base.decode_step_s
         return rt
     return fresh
 
 
-def run_serving(args: argparse.Namespace, url: str, items: list[WorkItem], plans: list[Plan],
-                runner: Any) -> list[dict[str, Any]]:
+def run_serving(args: argparse.Namespace, url: str, items: list[WorkItem], prof: Profiles,
+                runner: Any) -> tuple[list[dict[str, Any]], list[Plan], list[str],
+                                      dict[str, Any]]:
     """Every request in every mode, each on a fresh DeviceRuntime (modes rotated per request),
     after an unrecorded warm-up pass over the same requests (MindSpore compiles one graph per
-    shape bucket on first use; the cloud allocates on its first requests)."""
+    shape bucket on first use; the cloud allocates on its first requests). The warm-up pass
+    also measures the display's wake-up lateness: the recorded pass is planned and run with the
+    larger of `--display-jitter` and the largest lateness seen. Returns the recorded rows, the
+    plans they ran, the unrestricted planner's modes and the allowance's record."""
     fresh = runtimes(args, url, runner)
-    rows = []
+    jitter = {"configured_s": args.display_jitter, "warmup_max_s": None,
+              "used_s": args.display_jitter}
+    rows: list[dict[str, Any]] = []
+    plans, free = plan_all(items, prof, args, args.display_jitter)
     for rep in range(1 if args.no_warmup_pass else 0, 2):
+        if rep == 1 and rows:
+            late = [x for r in rows for x in r["wake_late_s"]]
+            jitter["warmup_max_s"] = max(late, default=0.0)
+            jitter["used_s"] = max(args.display_jitter, jitter["warmup_max_s"])
+            plans, free = plan_all(items, prof, args, jitter["used_s"])
+            rows = []
         for i, (it, plan) in enumerate(zip(items, plans)):
             for k in range(len(MODES)):
                 mode = MODES[(i + k) % len(MODES)]
                 s = plan.settings if mode == "pd_device" else Settings(
                     n_cloud=0, rho=1.0, pace_s=plan.settings.pace_s, mode=mode)
-                row = serve_one(fresh(), it, mode, s)
+                row = serve_one(fresh(jitter["used_s"]), it, mode, s)
                 print(f"{'warm-up ' if rep == 0 else ''}req {i} {it.trace} "
                       f"in={it.input_len} out={it.output_len} {mode}/{s.mode}: "
                       f"ttft={row['ttft_s']} max_gap={max(row['gaps_s'], default=0):.3f} "
                       f"handover={row['handover_index']}", flush=True)
-                if rep == 1:
-                    rows.append({"request": i, "trace": it.trace, "input_len": it.input_len,
-                                 "output_len": it.output_len, **row,
-                                 "predicted_catchup_s": plan.handover_s})
-    return rows
+                rows.append({"request": i, "trace": it.trace, "input_len": it.input_len,
+                             "output_len": it.output_len, **row,
+                             "predicted_catchup_s": plan.handover_s})
+    late = [x for r in rows for x in r["wake_late_s"]]
+    jitter["recorded_max_s"] = max(late, default=0.0)
+    jitter["recorded_wakeups"] = len(late)
+    return rows, plans, free, jitter
 
 
 def cloud_work(items: list[WorkItem], rows: list[dict[str, Any]],
@@ -309,13 +308,32 @@ def link_to(args: argparse.Namespace, url: str) -> Iterator[str]:
         yield link.url
 
 
+def quality_by_band(quality: dict[str, Any], bands: list[tuple[int, int]]) -> list[Any]:
+    """The evaluation's quality vs rho per prompt-length band: mean and lower bound."""
+    out = []
+    for lo, hi in bands:
+        rows = [r for r in quality["rows"] if lo <= r["prompt_len"] <= hi]
+        if rows:
+            out.append({"band": [lo, hi], "prompts": len(rows), "rhos": {
+                rho: {"agreement": sum(r["rhos"][rho]["agreement"] for r in rows) / len(rows),
+                      "agreement_lcb95": lower_bound([r["rhos"][rho]["agreement"]
+                                                      for r in rows])}
+                for rho in rows[0]["rhos"]}})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    traces = dict(t.split("=", 1) for t in args.traces)
+    traces = {k: Path(v) for k, v in (t.split("=", 1) for t in args.traces)}
     text = held_out_tokens(args.model, args.corpus) if args.corpus.is_file() else None
-    profile_prompts, text = split_held_out(text, args.profile_quality_prompts)
-    items, notes = build_workload({k: Path(v) for k, v in traces.items()}, args.requests,
-                                  args.max_model_len, args.max_output, text, 1024, args.seed)
+    bands = quality_bands(args.quality_bands, args.max_model_len)
+    profile_prompts: dict[tuple[int, int], list[list[int]]] = {}
+    if text is not None and args.profile_quality_prompts > 0:
+        profile_prompts, text = cut_prompts(text, band_lengths(
+            traces, args.max_model_len, args.max_output, bands, args.profile_quality_prompts,
+            args.max_model_len - args.profile_quality_output, args.seed))
+    items, notes = build_workload(traces, args.requests, args.max_model_len, args.max_output,
+                                  text, 1024, args.seed)
     cloud = None
     if args.start_cloud:
         work = Path(tempfile.mkdtemp(prefix="bench_device_"))
@@ -327,24 +345,25 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     try:
         client = AssistClient(url, args.model)
-        prof, profile_raw = (Profiles.load(args.profiles), None) if args.profiles else \
-            measured_profiles(args, client, profile_prompts)
-        plans, free_modes = plan_all(items, prof, args)
         runner = device_runner(args)
+        prof, profile_raw = (Profiles.load(args.profiles), None) if args.profiles else \
+            measured_profiles(args, client, runner, profile_prompts)
         with link_to(args, url) as device_url:  # the device's view of the cloud
-            rows = run_serving(args, device_url, items, plans, runner)
+            rows, plans, free_modes, jitter = run_serving(args, device_url, items, prof, runner)
         occupancy = run_occupancy(args, client, items, rows)
         g = args.quality_output
+        step = max(1, len(items) // max(1, args.quality_requests))  # both traces' prompts
         prompts = [list(it.prompt[-(args.max_model_len - g):])
-                   for it in items[:args.quality_requests]]
+                   for it in items[::step][:args.quality_requests]]
         quality = measure_quality(runner, client, prompts, args.rhos, g)
+        quality["by_band"] = quality_by_band(quality, bands)
         runner.close()
         client.close()
     finally:
         if cloud:
             cloud.stop()
     finish(args, items, notes, prof, plans, free_modes, rows, occupancy, quality,
-           time.time() - t_start, profile_raw)
+           time.time() - t_start, profile_raw, {"display_jitter": jitter})
 
 
 if __name__ == "__main__":

@@ -209,27 +209,6 @@ def held_out_tokens(model_dir: Path, corpus: Path) -> list[int]:
     return ids[int(len(ids) * (1.0 - HELD_OUT)):]
 
 
-PROFILE_PROMPT_LENS = (256, 512, 768)
-
-
-def split_held_out(text: list[int] | None,
-                   prompts: int) -> tuple[list[list[int]], list[int] | None]:
-    """(quality profile prompts, the rest): `prompts` consecutive windows of 256, 512, 768,
-    256, ... tokens from the start of the held-out text, and the text after them, which the
-    evaluation's prompts come from (so the planner's quality profile never saw them)."""
-    if text is None:
-        return [], None
-    out, at = [], 0
-    for i in range(prompts):
-        n = PROFILE_PROMPT_LENS[i % len(PROFILE_PROMPT_LENS)]
-        if at + n > len(text) // 2:
-            raise ValueError(f"{prompts} quality profile prompts need more than half of the "
-                             f"{len(text)} held-out tokens")
-        out.append(text[at:at + n])
-        at += n
-    return out, text[at:]
-
-
 def build_workload(traces: dict[str, Path], per_trace: int, max_model_len: int,
                    max_output: int, text_ids: list[int] | None, vocab: int,
                    seed: int) -> tuple[list[WorkItem], list[str]]:

@@ -158,8 +158,9 @@ def finish(args: argparse.Namespace, items: list[WorkItem], notes: list[str], pr
            plans: list[Plan], free_modes: list[str], rows: list[dict[str, Any]],
            occupancy: dict[str, Any],
            quality: dict[str, Any], elapsed_s: float,
-           profile_raw: dict[str, Any] | None = None) -> None:
-    """Writes the JSON to --out, prints the table and draws the plot."""
+           profile_raw: dict[str, Any] | None = None,
+           extra: dict[str, Any] | None = None) -> None:
+    """Writes the JSON to --out (with `extra`'s keys), prints the table and draws the plot."""
     summary = summarise(rows, occupancy, quality)
     result: dict[str, Any] = {
         "provenance": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -186,7 +187,7 @@ def finish(args: argparse.Namespace, items: list[WorkItem], notes: list[str], pr
                           "work, one at a time; cloud-only = N = G - 1, rho = 1",
             "requests_per_s": "workload requests per second of cloud time under closed-loop "
                               "load (device-only-planned requests need no cloud work)",
-            "quality": quality["definition"]}}
+            "quality": quality["definition"]}, **(extra or {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.plot = args.plot or args.out.with_suffix(".png")
     result["plot"] = plot(result, args.plot)

@@ -1,6 +1,7 @@
 """Properties of the P/D-Device speed controller (pd_device/controller.py), on single decisions
 and on a simulated request: a cloud streaming every `c` seconds, a device prefilling at `P`
-tokens/s that takes over once it has caught up, then decoding every `d` seconds."""
+tokens/s that takes over once it has caught up, then decoding every `d` seconds, and a display
+that wakes up to the controller's `jitter_s` late."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ steps = st.floats(0.0, 1.0, allow_nan=False)
 def configs(draw: st.DrawFn) -> ControllerConfig:
     max_gap = draw(st.floats(0.001, 2.0))
     return ControllerConfig(pace_s=draw(st.floats(0.0, max_gap)), max_gap_s=max_gap,
-                            margin_s=draw(st.floats(0.0, 0.5)))
+                            margin_s=draw(st.floats(0.0, 0.5)),
+                            jitter_s=draw(st.sampled_from([0.0, 0.1, 0.5])) * max_gap)
 
 
 @st.composite
@@ -53,8 +55,8 @@ def test_decision_is_monotone_and_bounded(s: ControllerState, cfg: ControllerCon
         assert t == s.now  # the first token at once
         return
     assert t >= s.last_display
-    if s.now <= s.last_display + cfg.max_gap_s:
-        assert t - s.last_display <= cfg.max_gap_s + EPS
+    if s.now <= s.last_display + cfg.bound_s:  # gaps planned below the wake-up allowance
+        assert t - s.last_display <= cfg.max_gap_s - cfg.jitter_s + EPS
 
 
 @given(states(), configs())
@@ -69,7 +71,7 @@ def test_pace_when_comfortable(s: ControllerState, cfg: ControllerConfig) -> Non
     prefill and plenty of buffered tokens is paced exactly."""
     assume(not s.local_started)
     g = target_gap(s, cfg)
-    assert cfg.pace_s - EPS <= g <= cfg.max_gap_s + EPS
+    assert min(cfg.pace_s, cfg.bound_s) - EPS <= g <= cfg.bound_s + EPS
     relaxed = ControllerState(now=s.now, last_display=s.now, buffered=10_000, prefill_tps=1e9,
                               decode_step_s=0.0, to_prefill=0, cloud_expected=0)
     assert target_gap(relaxed, cfg) <= cfg.pace_s + cfg.margin_s / 10_000 + EPS
@@ -103,8 +105,11 @@ class Scenario:
         raise AssertionError("unreachable")
 
 
-def simulate(sc: Scenario, cfg: ControllerConfig) -> tuple[list[float], list[float], int]:
-    """Display times, availability times of the shown tokens, and the cut (cloud tokens)."""
+def simulate(sc: Scenario, cfg: ControllerConfig,
+             late: tuple[float, ...] = ()) -> tuple[list[float], list[float], int]:
+    """Display times, availability times of the shown tokens, and the cut (cloud tokens); the
+    display shows token i `late[i % len(late)] * jitter_s` after the controller's time (it
+    wakes up late), none late without `late`."""
     h, cut = sc.catch_up()
     avail = [i * sc.c for i in range(cut)] + [h + sc.d * (j + 1) for j in range(sc.n_local)]
     events = sorted({*(i * sc.c for i in range(sc.n + 1)), h, *avail})
@@ -114,8 +119,8 @@ def simulate(sc: Scenario, cfg: ControllerConfig) -> tuple[list[float], list[flo
         t = next_display_time(_state(sc, cfg, now, shown, h, cut), cfg)
         future = [e for e in events if e > now]
         if t is not None and (not future or t <= future[0]):
-            now = t
-            shown.append(t)
+            now = t + (late[len(shown) % len(late)] * cfg.jitter_s if late else 0.0)
+            shown.append(now)
         else:
             now = future[0]
     return shown, avail, cut
@@ -142,22 +147,27 @@ def scenarios(draw: st.DrawFn) -> tuple[Scenario, ControllerConfig]:
     sc = Scenario(x0=draw(st.integers(0, 2000)), tps=draw(st.floats(50.0, 20000.0)),
                   d=draw(st.floats(0.001, max_gap)), c=draw(st.floats(0.002, 0.2)),
                   n=draw(st.integers(0, 64)), n_local=draw(st.integers(1, 4)))
-    return sc, ControllerConfig(pace_s=pace, max_gap_s=max_gap, margin_s=draw(st.floats(0, 0.05)))
+    return sc, ControllerConfig(pace_s=pace, max_gap_s=max_gap, margin_s=draw(st.floats(0, 0.05)),
+                                jitter_s=draw(st.floats(0.0, max_gap / 2)))
+
+
+lateness = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8).map(tuple)
 
 
 @settings(max_examples=300, deadline=None)
-@given(scenarios())
+@given(scenarios(), lateness)
 def test_simulated_stream_is_monotone_and_gap_bounded(case: tuple[Scenario, ControllerConfig],
-                                                      ) -> None:
-    """Every token shown once, in order, never before it exists; no gap above max_gap while the
-    next token was already there."""
+                                                      late: tuple[float, ...]) -> None:
+    """Every token shown once, in order, never before it exists; no gap above max_gap, the
+    display's wake-up lateness (up to jitter_s) included, while the next token was there in
+    time for the planned bound max_gap - jitter_s."""
     sc, cfg = case
-    shown, avail, _ = simulate(sc, cfg)
+    shown, avail, _ = simulate(sc, cfg, late)
     assert len(shown) == len(avail)
     assert all(t >= a - EPS for t, a in zip(shown, avail))
     assert all(b >= a for a, b in zip(shown, shown[1:]))
     for i in range(1, len(shown)):
-        if avail[i] <= shown[i - 1] + cfg.max_gap_s:
+        if avail[i] <= shown[i - 1] + cfg.bound_s:
             assert shown[i] - shown[i - 1] <= cfg.max_gap_s + 1e-6
 
 
@@ -172,18 +182,22 @@ def supplied_scenarios(draw: st.DrawFn) -> tuple[Scenario, ControllerConfig]:
     prefill_s = draw(st.floats(1e-3, (n + 1) * max_gap))
     sc = Scenario(x0=x0, tps=(x0 + n + 1) / prefill_s, d=draw(st.floats(0.001, max_gap / 2)),
                   c=c, n=n, n_local=draw(st.integers(1, 4)))
-    return sc, ControllerConfig(pace_s=pace, max_gap_s=max_gap, margin_s=draw(st.floats(0, 0.02)))
+    # the allowance leaves the pace within the planned bound (the planner's pace <= B)
+    return sc, ControllerConfig(pace_s=pace, max_gap_s=max_gap, margin_s=draw(st.floats(0, 0.02)),
+                                jitter_s=draw(st.floats(0.0, max_gap - pace)) * 0.999)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(supplied_scenarios())
-def test_buffer_lasts_until_the_hand_over(case: tuple[Scenario, ControllerConfig]) -> None:
+@given(supplied_scenarios(), lateness)
+def test_buffer_lasts_until_the_hand_over(case: tuple[Scenario, ControllerConfig],
+                                          late: tuple[float, ...]) -> None:
     """When the cloud supplies enough (it streams at least as fast as the pace) and the
-    hand-over is reachable within max_gap per token, the display never runs dry: no gap, the
-    cloud-to-local one included, exceeds max_gap."""
+    hand-over is reachable within the planned bound max_gap - jitter_s per token, the display
+    never runs dry: no gap, the cloud-to-local one included, exceeds max_gap even when the
+    display wakes up to jitter_s late."""
     sc, cfg = case
     h, cut = sc.catch_up()
-    assume(h + sc.d + cfg.margin_s + 2 * cfg.pace_s <= cut * cfg.max_gap_s)
-    shown, _, _ = simulate(sc, cfg)
+    assume(h + sc.d + cfg.margin_s + 2 * cfg.pace_s <= cut * cfg.bound_s)
+    shown, _, _ = simulate(sc, cfg, late)
     gaps = [b - a for a, b in zip(shown, shown[1:])]
     assert max(gaps, default=0.0) <= cfg.max_gap_s + 1e-6, (gaps, h, cut)
