@@ -78,3 +78,46 @@ def test_summary_claim_gaps_agreement_and_gains() -> None:
     assert s["agreement"]["pd_device"]["positionwise_mean"] == pytest.approx((2 / 3 + 1) / 2)
     assert s["cloud"]["busy_gain"] == pytest.approx(4.0)
     assert s["cloud"]["throughput_gain"] == pytest.approx(3.0)
+
+
+def test_quality_profile_prompts_follow_the_trace_per_band(tmp_path: Path) -> None:
+    import bench_device_profile as bp
+
+    csv = tmp_path / "lengths.csv"
+    rows = [(40 * (i + 1), 10) for i in range(40)]
+    csv.write_text("num_prefill_tokens,num_decode_tokens,num_total_tokens\n"
+                   + "".join(f"{a},{b},{a + b}\n" for a, b in rows))
+    bands = bp.quality_bands([128, 256], 512)
+    assert bands == [(1, 127), (128, 255), (256, 512)]
+    lengths = bp.band_lengths({"t": csv}, 512, 32, bands, 3, 480, seed=0)
+    scaled = {it.input_len for it in lib.build_workload({"t": csv}, 40, 512, 32, None, 1024,
+                                                        0)[0]}
+    for (lo, hi), ns in lengths.items():
+        assert len(ns) == 3 and all(lo <= n <= min(hi, 480) and n in scaled for n in ns)
+    text = list(range(5000))
+    prompts, rest = bp.cut_prompts(text, lengths)
+    used = sum(map(sum, lengths.values()))
+    assert rest == text[used:] and [len(p) for p in prompts[bands[1]]] == lengths[bands[1]]
+    with pytest.raises(ValueError, match="half"):
+        bp.cut_prompts(list(range(100)), lengths)
+
+
+def test_band_curves_become_profiles_and_evaluation_bands() -> None:
+    import bench_device
+    import bench_device_profile as bp
+
+    from pd_device.profiles import CloudProfile, DeviceProfile, Profiles, TimeCurve
+
+    prof = Profiles(DeviceProfile(TimeCurve(((1.0, 0.1),)), 0.01),
+                    CloudProfile(TimeCurve(((1.0, 0.1),)), 0.01))
+    q = {"all": {"curve": [[0.2, 0.8]]},
+         "bands": [{"band": [1, 99], "prompts": 3, "curve": [[0.2, 0.9]]},
+                   {"band": [100, 200], "prompts": 3, "curve": [[0.2, 0.5]]}]}
+    banded = bp.with_bands(prof, q)
+    assert banded.quality(0.2) == 0.8 and banded.quality_for((150, 150))(0.2) == 0.5
+    rows = [{"prompt_len": n, "rhos": {"0.2": {"agreement": a}}}
+            for n, a in ((10, 0.9), (20, 0.7), (150, 0.4))]
+    out = bench_device.quality_by_band({"rows": rows}, [(1, 99), (100, 200), (201, 300)])
+    assert [b["band"] for b in out] == [[1, 99], [100, 200]]
+    assert out[0]["rhos"]["0.2"]["agreement"] == pytest.approx(0.8)
+    assert out[1]["rhos"]["0.2"]["agreement_lcb95"] == 0.0  # one prompt bounds nothing
