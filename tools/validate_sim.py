@@ -65,6 +65,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,7 @@ from validate_sim_lib import (
     workload_args,
 )
 from validate_sim_probes import run_probes
+from validate_sim_replay import print_replay, replay_all
 
 from pd_serve.sim.latency import LatencyProfile
 
@@ -107,7 +109,9 @@ def quiet(args: argparse.Namespace, waits: dict[str, Any], label: str) -> None:
 def measure(args: argparse.Namespace, work: Path, base: LatencyProfile) -> dict[str, Any]:
     """Every real measurement; saved to WORK/real.json."""
     waits: dict[str, Any] = {}
-    real: dict[str, Any] = {"waits": waits}
+    real: dict[str, Any] = {"waits": waits, "command": cmdline([PY, *sys.argv]),
+                            "started": datetime.datetime.now(datetime.UTC).isoformat(
+                                timespec="seconds")}
     quiet(args, waits, "start")
     real["load_avg_start"] = load_avg()
     dep = Deployment(work)
@@ -230,7 +234,10 @@ def main() -> None:
         (work / "real.json").write_text(json.dumps(real, indent=1))
     result = analyse(real, args.tolerance, work)
     print_table(result["rows"], args.tolerance)
-    out = scrub(output(args, started, real, result), (f"{work}/", f"{ROOT}/", f"{ROOT.parent}/"))
+    if any(work.glob("real_load*.json")):  # the bench results with per-token times
+        result["replay"] = replay_all(work, real)
+        print_replay(result["replay"])
+    out = scrub(output(args, started, real, result), machine_paths(real, work))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
@@ -254,6 +261,22 @@ def output(args: argparse.Namespace, started: datetime.datetime, real: dict[str,
            "real": {k: v for k, v in real.items() if k not in ("runs",)}, **result}
     out["real"]["runs"] = [{k: v for k, v in r.items() if k != "result"} for r in real["runs"]]
     return out
+
+
+def machine_paths(real: dict[str, Any], work: Path) -> list[tuple[str, str]]:
+    """(path prefix, replacement) pairs that make the result file free of this machine's
+    paths: work dirs (this analysis's and the measuring run's) become WORK, checkouts (this
+    one and the one that measured, if elsewhere) repository-relative, their parents ../."""
+    procs = " ".join(real.get("deployment", {}).get("processes", []))
+    works = {str(work), *re.findall(r"--config (\S+)/pd\.yaml", procs)}
+    roots = {str(ROOT)}
+    model = real.get("deployment", {}).get("config", {}).get("model", {}).get("path")
+    if model:
+        roots.add(str(Path(model).parents[1]))
+    pairs = [p for w in sorted(works, key=len, reverse=True) for p in ((f"{w}/", "WORK/"),
+                                                                        (w, "WORK"))]
+    pairs += [(f"{r}/", "") for r in sorted(roots, key=len, reverse=True)]
+    return pairs + [(f"{Path(r).parent}/", "../") for r in sorted(roots, key=len, reverse=True)]
 
 
 def _interrupt(*_: Any) -> None:

@@ -164,15 +164,15 @@ def print_table(rows: list[dict[str, Any]], tol: float) -> None:
               f"mean of the repeats, {v['vs_runs'][0]} of {v['vs_runs'][1]} of every repeat")
 
 
-def scrub(obj: Any, prefixes: tuple[str, ...]) -> Any:
-    """`obj` with every string's machine paths under `prefixes` cut to repository-relative."""
+def scrub(obj: Any, pairs: list[tuple[str, str]]) -> Any:
+    """`obj` with every string's (prefix, replacement) `pairs` replaced, in order."""
     if isinstance(obj, dict):
-        return {k: scrub(v, prefixes) for k, v in obj.items()}
+        return {k: scrub(v, pairs) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [scrub(v, prefixes) for v in obj]
+        return [scrub(v, pairs) for v in obj]
     if isinstance(obj, str):
-        for p in prefixes:
-            obj = obj.replace(p, "")
+        for old, new in pairs:
+            obj = obj.replace(old, new)
         return obj
     return obj
 

@@ -5,9 +5,13 @@ one rate. Nothing here is fitted to the validation runs.
 `calibrate(probes, profile)`:
 * round trip as the simulator defines it (TTFT of a lone request = prefill + RTT): the median
   of real TTFT minus simulated TTFT at RTT 0 over the first-token-path probes;
-* per-step decode overhead: steady step time minus the profile's, fitted a + b*B on relative
+* prefill scale: real / model of the lone 256 / 512 / 1,024-token prefills (geometric mean),
+  applied to the whole prefill model;
+* per-step decode overhead: steady step time minus the profile's over every decode probe
+  (B = 1 to 16 at context ~130, B = 16 at ~1,100), fitted a + b*B + c*B*ctx on relative
   error, non-negative (added to the decode model by `with_decode_overhead`);
-* profile check: lone prefills and the batch of 16 at context ~1,100 against the model;
+* profile check (decides the re-profile): lone prefills against the profile, the batch of 16
+  at context ~1,100 against the profile plus the a + b*B overhead of the short contexts only;
 * co-location: under decode load TTFT(n) = rtt_loaded + f_p x prefill(n) from the short and
   the long prompt (each prefill lies inside the decode batch's steady window: fully overlapped,
   which is what the host model's f_p means); f_d = 1 + (s - 1) / duty, s the decode step
@@ -65,10 +69,22 @@ def _lone_ttft_rtt0(prof: LatencyProfile, n: int) -> float:
     return _sim_ttft(sim_probe(prof, [(n, 1)], 0.0)[0])
 
 
-def with_decode_overhead(prof: LatencyProfile, a: float, b: float) -> LatencyProfile:
+def with_decode_overhead(prof: LatencyProfile, a: float, b: float, c: float = 0.0,
+                         ) -> LatencyProfile:
     d = prof.decode
     return replace(prof, decode=replace(d, intercept_s=d.intercept_s + a,
-                                        per_seq_s=d.per_seq_s + b))
+                                        per_seq_s=d.per_seq_s + b,
+                                        per_context_s=d.per_context_s + c))
+
+
+def calibrated_profile(base: LatencyProfile, cal: dict[str, Any]) -> LatencyProfile:
+    """`base` with the measured decode overhead added and the prefill model scaled to the
+    deployment's lone prefills (`prefill_scale`; 1 for calibrations made before it)."""
+    dov = cal["decode_overhead"]
+    prof = with_decode_overhead(base, dov["intercept_ms"] / 1000, dov["per_seq_ms"] / 1000,
+                                dov.get("per_context_us", 0.0) / 1e6)
+    k = cal.get("prefill_scale", 1.0)
+    return scaled(prof, k, 1.0)
 
 
 def scaled(prof: LatencyProfile, k_p: float, k_d: float) -> LatencyProfile:
@@ -84,42 +100,77 @@ def scaled(prof: LatencyProfile, k_p: float, k_d: float) -> LatencyProfile:
 
 def calibrate(probes: dict[str, Any], prof: LatencyProfile) -> dict[str, Any]:
     """Physical parameters from the probes against `prof` (see the module docstring)."""
-    # first-token path: real TTFT - simulated TTFT at RTT 0 (= the profile's prefill time)
-    over = [t - _lone_ttft_rtt0(prof, int(n))
-            for n, ts in probes["first_token_path"].items() for t in ts]
-    rtt = float(max(0.0, med(over)))
-    a, b_, per_b = decode_overhead(probes["decode_ctx64"], prof)
-    check = profile_check(probes, prof, with_decode_overhead(prof, a, b_), rtt)
-    colocation, rtt_loaded = colocation_factors(probes["colocation"], prof, rtt)
+    rtt, over = first_token_path(probes, prof)
+    k = prefill_scale(probes, prof, rtt)
+    rtt, over = first_token_path(probes, scaled(prof, k, 1.0))  # once more, prefill scaled
+    k = prefill_scale(probes, prof, rtt)
+    short = decode_overhead(probes["decode_ctx64"], prof, context=False)
+    check = profile_check(probes, prof, with_decode_overhead(prof, *short["coef"]), rtt)
+    # f_p relative to the scaled prefill model the simulation uses
+    colocation, rtt_loaded = colocation_factors(probes["colocation"], scaled(prof, k, 1.0), rtt)
+    full = decode_overhead([*probes["decode_ctx64"], probes["decode_b16_ctx1024"]], prof,
+                           context=True)
     return {
         "rtt_bare_ms": 1000 * probes["rtt_bare_s"], "rtt_ms": 1000 * rtt,
         "rtt_loaded_ms": 1000 * max(rtt, rtt_loaded),
         "first_token_path_overheads_ms": [round(1000 * v, 2) for v in over],
-        "decode_overhead": {"intercept_ms": 1000 * a, "per_seq_ms": 1000 * b_,
-                            "per_batch": per_b},
-        "profile_check": check, "colocation": colocation}
+        "decode_overhead": {"intercept_ms": 1000 * full["coef"][0],
+                            "per_seq_ms": 1000 * full["coef"][1],
+                            "per_context_us": 1e6 * full["coef"][2], "per_probe": full["rows"]},
+        "decode_overhead_short_context": {"intercept_ms": 1000 * short["coef"][0],
+                                          "per_seq_ms": 1000 * short["coef"][1]},
+        "prefill_scale": k, "profile_check": check, "colocation": colocation}
 
 
-def decode_overhead(steps: list[dict[str, Any]], prof: LatencyProfile,
-                    ) -> tuple[float, float, list[dict[str, Any]]]:
-    """(a, b, per batch size): steady-state step time minus the profile's, fitted a + b*B on
-    relative error (as the profile's own fits), both non-negative."""
-    per_b = []
+def first_token_path(probes: dict[str, Any], prof: LatencyProfile) -> tuple[float, list[float]]:
+    """(RTT as the simulator defines it, each probe's overhead): real TTFT of the short lone
+    prompts minus the simulated TTFT at RTT 0 (the profile's prefill time); median."""
+    over = [t - _lone_ttft_rtt0(prof, int(n))
+            for n, ts in probes["first_token_path"].items() for t in ts]
+    return float(max(0.0, med(over))), over
+
+
+def prefill_scale(probes: dict[str, Any], prof: LatencyProfile, rtt: float) -> float:
+    """Real / model of the lone prefills (TTFT less `rtt`), geometric mean: the profile keeps
+    the fastest of its repeats, measured in isolation; the deployment pays typical steps."""
+    ratios = [(float(med(ts)) - rtt) / prof.prefill.time_of([(0, int(n))])
+              for n, ts in probes["prefill_lone_s"].items()]
+    return float(np.exp(np.mean(np.log(ratios))))
+
+
+def decode_overhead(steps: list[dict[str, Any]], prof: LatencyProfile, context: bool,
+                    ) -> dict[str, Any]:
+    """What the deployment's steady decode steps take beyond the profile's: fitted
+    a + b*B (+ c*B*ctx with `context`, the padded context term) on relative error, every term
+    non-negative; coefficients in s and the rows."""
+    rows = []
     for st in steps:
         b, ctx = st["batch"], round(st["context"])
         model = prof.decode.time_of([ctx] * b)
-        per_b.append({"batch": b, "context": ctx, "real_ms": 1000 * st["step_s"],
-                      "model_ms": 1000 * model, "diff_ms": 1000 * (st["step_s"] - model)})
-    x = np.array([[1.0, p["batch"]] for p in per_b])
-    y = np.array([p["diff_ms"] / 1000 for p in per_b])
-    w = 1.0 / np.array([p["real_ms"] / 1000 for p in per_b])
-    a, b_ = (float(c) for c in np.linalg.lstsq(x * w[:, None], y * w, rcond=None)[0])
-    if a < 0 or b_ < 0:  # keep the overhead non-negative: refit the other term alone
-        col = 1 if a < 0 else 0
-        xs = x[:, col] * w
-        v = max(0.0, float(xs @ (y * w) / (xs @ xs)))
-        a, b_ = (0.0, v) if a < 0 else (v, 0.0)
-    return a, b_, per_b
+        rows.append({"batch": b, "context": ctx, "real_ms": 1000 * st["step_s"],
+                     "model_ms": 1000 * model, "diff_ms": 1000 * (st["step_s"] - model)})
+    x = np.array([[1.0, r["batch"], r["batch"] * r["context"]][:3 if context else 2]
+                  for r in rows])
+    y = np.array([r["diff_ms"] / 1000 for r in rows])
+    w = 1.0 / np.array([r["real_ms"] / 1000 for r in rows])
+    coef = _nonneg_lstsq(x * w[:, None], y * w)
+    fitted = x @ coef
+    for r, f in zip(rows, fitted):
+        r["fit_rel_err"] = (r["model_ms"] / 1000 + f) / (r["real_ms"] / 1000) - 1
+    return {"coef": [float(c) for c in coef], "rows": rows}
+
+
+def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (the most negative term dropped, refitted)."""
+    active = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while active:
+        sol = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+        if sol.min() >= 0:
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return coef
 
 
 def profile_check(probes: dict[str, Any], prof: LatencyProfile, calibrated: LatencyProfile,
@@ -184,12 +235,12 @@ def prefill_duty(loops: list[dict[str, Any]], prof: LatencyProfile, f_p: float, 
 def hosted_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], work: Path,
                tag: str) -> dict[str, Any]:
     """The simulation with both instances on one shared host (pd_serve.sim.host)."""
-    dov = cal["decode_overhead"]
-    prof = with_decode_overhead(base, dov["intercept_ms"] / 1000, dov["per_seq_ms"] / 1000)
+    prof = calibrated_profile(base, cal)
     col = cal["colocation"]
     f_p, f_d = col["f_p"], col.get("f_d_host", col["f_d"])
     prof = replace(prof, provenance={**prof.provenance, "calibration": {
-        "decode_overhead_ms": [dov["intercept_ms"], dov["per_seq_ms"]], "host": [f_p, f_d]}})
+        "decode_overhead": cal["decode_overhead"], "host": [f_p, f_d],
+        "prefill_scale": cal.get("prefill_scale", 1.0)}})
     path = work / f"profile_host_{tag}.json"
     prof.save(path)
     out = sim_run(path, args, cal["rtt_ms"], work / f"simhost_{tag}.json",
@@ -231,8 +282,7 @@ def mean_field_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], w
     """The mean-field simulation of one rate: co-location factors iterated to a fixed point."""
     rtt0, rtt1 = cal["rtt_ms"], cal["rtt_loaded_ms"]
     rtt_ms = rtt0
-    dov = cal["decode_overhead"]
-    prof0 = with_decode_overhead(base, dov["intercept_ms"] / 1000, dov["per_seq_ms"] / 1000)
+    prof0 = calibrated_profile(base, cal)
     f_p, f_d = cal["colocation"]["f_p"], cal["colocation"]["f_d"]
     k_p = k_d = 1.0
     history = []
@@ -241,7 +291,8 @@ def mean_field_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], w
         path = work / f"profile_{tag}.json"
         prof = scaled(prof0, k_p, k_d)
         prof = replace(prof, provenance={**prof.provenance, "calibration": {
-            "decode_overhead_ms": [dov["intercept_ms"], dov["per_seq_ms"]],
+            "decode_overhead": cal["decode_overhead"],
+            "prefill_scale": cal.get("prefill_scale", 1.0),
             "k_p": k_p, "k_d": k_d, "rtt_ms": rtt_ms}})
         prof.save(path)
         out = sim_run(path, args, rtt_ms, work / f"sim_{tag}.json", work / f"sim_{tag}.jsonl")

@@ -239,15 +239,18 @@ def wait_for_other_bench(max_s: float, names: list[str], poll_s: float = 30.0,
 
 
 def others(names: list[str]) -> list[str]:
-    """The names of `names` that some other process's command line contains (this process and
-    its ancestors excluded: a wrapper such as `flock ... validate_sim.py --wait-for pytest`
-    carries the names in its own command line)."""
+    """The names of `names` that some other process's command line contains. Excluded: this
+    process and its ancestors (`flock ... validate_sim.py --wait-for pytest` carries the names
+    in its own command line) and `flock` wrappers (one waiting for the quiet lock this run
+    holds runs nothing yet; one that got it has a child that carries the same names)."""
     keys = [n.encode() for n in names]
     found: set[str] = set()
     mine = _ancestors()
     for p in Path("/proc").iterdir():
         if p.name.isdigit() and p.name not in mine:
             cmd = _cmdline_of(p)
+            if cmd.split(b"\0", 1)[0].rsplit(b"/", 1)[-1] == b"flock":
+                continue
             found.update(n for n, k in zip(names, keys) if k in cmd)
     return sorted(found)
 
