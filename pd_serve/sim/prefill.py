@@ -84,7 +84,7 @@ class SimPrefill(SlotAdmission):
 
     def _retime(self) -> None:
         """(Re-)schedules the step's end at the current speed; an earlier schedule goes stale."""
-        if self.stepping and self.clock is not None:
+        if self.chunks is not None and self.clock is not None:  # a step is in flight
             self.step_token += 1
             loop = self.loop
             loop.at(max(loop.now, self.clock.real(self.step_end)), self._hosted_done,
