@@ -111,8 +111,8 @@ def analyse_load(load: float, group: list[dict[str, Any]], sims: dict[str, dict[
         row[name] = {"command": sim["command"], "vs_mean": compare(mean, sim["metrics"], tol),
                      "vs_runs": [compare(m, sim["metrics"], tol) for m in reals],
                      "per_request": [match(r["per_request"], sim["records"]) for r in group]}
-    row["host"].update(f_p=sims["host"]["f_p"], f_d=sims["host"]["f_d"],
-                       rtt_ms=sims["host"]["rtt_ms"])
+    row["host"].update({k: sims["host"][k] for k in ("f_p", "f_d", "rtt_ms",
+                                                      "first_token_delay_ms")})
     mf = sims["mean_field"]
     row["mean_field"].update(k_p=mf["k_p"], k_d=mf["k_d"], rtt_ms=mf["rtt_ms"],
                              fixed_point=mf["fixed_point"])

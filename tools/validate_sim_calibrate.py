@@ -19,8 +19,9 @@ one rate. Nothing here is fitted to the validation runs.
   prefills computed (the host model slows decode only while prefill computes).
 
 `hosted_sim` runs `pd-serve sim run` with both instances on one shared host
-(`--host-size 2 --host-prefill-factor f_p --host-decode-factor f_d`, pd_serve.sim.host): a
-step stretches only while the other instance computes. `mean_field_sim`, the earlier
+(`--host-size 2 --host-prefill-factor f_p --host-decode-factor f_d
+--host-first-token-delay-ms (rtt_loaded - rtt)`, pd_serve.sim.host): a step stretches, and a
+first token is delayed, only while the other instance computes. `mean_field_sim`, the earlier
 approximation kept for comparison, scales every step by the mean slowdown instead: prefill
 steps x k_p = 1 + (f_p - 1) u_d, decode steps x k_d = 1 + (f_d - 1) u_p, RTT = rtt +
 (rtt_loaded - rtt) u_d, with u_p, u_d the busy fractions of the simulated run
@@ -243,11 +244,13 @@ def hosted_sim(base: LatencyProfile, cal: dict[str, Any], args: list[str], work:
         "prefill_scale": cal.get("prefill_scale", 1.0)}})
     path = work / f"profile_host_{tag}.json"
     prof.save(path)
+    delay = cal["rtt_loaded_ms"] - cal["rtt_ms"]  # first-token path under decode load
     out = sim_run(path, args, cal["rtt_ms"], work / f"simhost_{tag}.json",
-                  work / f"simhost_{tag}.jsonl", ["--host-size", "2", "--host-prefill-factor",
-                                                  f"{f_p:.4f}", "--host-decode-factor",
-                                                  f"{f_d:.4f}"])
-    out.update(f_p=f_p, f_d=f_d, rtt_ms=cal["rtt_ms"])
+                  work / f"simhost_{tag}.jsonl", [
+                      "--host-size", "2", "--host-prefill-factor", f"{f_p:.4f}",
+                      "--host-decode-factor", f"{f_d:.4f}",
+                      "--host-first-token-delay-ms", f"{delay:.3f}"])
+    out.update(f_p=f_p, f_d=f_d, rtt_ms=cal["rtt_ms"], first_token_delay_ms=delay)
     return out
 
 

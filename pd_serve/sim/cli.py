@@ -159,6 +159,9 @@ def run(profile_path: ProfileOpt, trace: bo.Traces = None, trace_format: bo.Trac
         host_size: Annotated[int, typer.Option(help="Instances per shared host, filled in id "
                                                "order (0: every instance has its own).")] = 0,
         host_prefill_factor: HostFactorOpt = 1.0, host_decode_factor: HostFactorOpt = 1.0,
+        host_first_token_delay_ms: Annotated[float, typer.Option(
+            help="With --host-size: extra first-token latency while a neighbour computes.")
+        ] = 0.0,
         result: bo.Result = None, records: RecordsOpt = None, vllm_metrics: VllmOpt = False,
         ) -> None:
     """Replay a workload (the options of `pd-serve bench run`) through a simulated deployment
@@ -203,8 +206,8 @@ def _sim_config(v: dict[str, Any], reqs: Any, hash_block: int | None, prof: Late
                         interval_s=min(5.0, window), switch_s=v["switch_s"])
     if v["host_size"] < 0:
         raise ValueError(f"--host-size: expected >= 0, got {v['host_size']}")
-    host = HostSpec(v["host_size"], v["host_prefill_factor"], v["host_decode_factor"]) \
-        if v["host_size"] else None
+    host = HostSpec(v["host_size"], v["host_prefill_factor"], v["host_decode_factor"],
+                    v["host_first_token_delay_ms"] / 1000) if v["host_size"] else None
     return SimConfig(tuple(ScenarioSpec(n, p, d, v["policy"], *gateway_slo(slos.of(n)))
                            for n, (p, d) in sorted(split.items())),
                      v["mode"], spec, gw, v["spares"], adjust if v["adjust"] else None,

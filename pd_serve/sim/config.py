@@ -112,11 +112,15 @@ class AdjustSpec:
 class HostSpec:
     """Shared hosts (pd_serve.sim.host): instances placed `size` to a host in id order; while k
     co-located instances compute, a prefill step stretches by 1 + (prefill_factor - 1) k and a
-    decode step by 1 + (decode_factor - 1) k (factors measured, >= 1; 1: no slowdown)."""
+    decode step by 1 + (decode_factor - 1) k (factors measured, >= 1; 1: no slowdown), and a
+    first token that leaves a prefill instance while a neighbour computes takes
+    `first_token_delay_s` longer to reach the gateway (the host's event loops and relays are
+    busy with the neighbour's stream)."""
 
     size: int = 2
     prefill_factor: float = 1.0
     decode_factor: float = 1.0
+    first_token_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -125,6 +129,7 @@ class HostSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not (math.isfinite(value) and value >= 1):
                 raise ValueError(f"host.{name}: expected a finite number >= 1, got {value!r}")
+        _positive("host.first_token_delay_s", self.first_token_delay_s, allow_zero=True)
 
     def factor(self, role: str) -> float:
         if role == "prefill":

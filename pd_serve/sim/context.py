@@ -27,6 +27,7 @@ class SimContext:
     noise: Noise | None = None
     instances: dict[str, Any] = field(default_factory=dict)  # name -> simulated instance
     hosts: Hosts | None = None
+    first_token_delay: float = 0.0  # on a shared host whose neighbour computes (HostSpec)
 
     def kv_blocks_for(self, input_len: int, output_len: int) -> int:
         """Blocks a request's whole sequence needs (the last token's KV is never written)."""

@@ -15,7 +15,8 @@ Lifecycle:
 3. the instance calls `set_busy(True)` when it starts computing and `set_busy(False)` when it
    has nothing left; the host recomputes its neighbours' speeds and calls the `retime` of each
    whose speed changed (at most one re-scheduled event per neighbour and change);
-4. work time: `local(t)` (virtual -> work) and `real(w)` (work -> virtual at the current speed).
+4. work time: `local(t)` (virtual -> work) and `real(w)` (work -> virtual at the current speed);
+   `neighbour_busy()` for the first-token delay (HostSpec.first_token_delay_s).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class WorkClock:
     def real(self, w: float) -> float:
         """Virtual time at which work time `w` is reached if the speed stays as it is."""
         return self.t_a + (w - self.w_a) * self.stretch
+
+    def neighbour_busy(self) -> bool:
+        return any(c.busy for c in self.host.clocks if c is not self)
 
     def set_busy(self, busy: bool) -> None:
         if busy != self.busy:

@@ -104,10 +104,13 @@ class SimPrefill(SlotAdmission):
 
     def _prefilled(self, req: SimRequest) -> None:
         self.served += 1
-        req.first_token = self.loop.now + self.ctx.half_rtt
+        to_gateway = self.ctx.half_rtt
+        if self.clock is not None and self.clock.neighbour_busy():
+            to_gateway += self.ctx.first_token_delay
+        req.first_token = self.loop.now + to_gateway
         if req.output_len <= 1:
             self._release(req)
-            self.loop.after(self.ctx.half_rtt, self.ctx.gateway.finished_at_prefill, req)
+            self.loop.after(to_gateway, self.ctx.gateway.finished_at_prefill, req)
             return
         req.candidates = adm.rank_decode_peers(self.peers, self.in_flight, self.rotation)
         self.rotation += 1

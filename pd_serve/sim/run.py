@@ -110,7 +110,8 @@ def simulate(trace: Iterable[TraceRequest], cfg: SimConfig, profile: LatencyProf
     rng = random.Random(cfg.seed)
     ctx = SimContext(loop, cfg.instance, profile, gateway, cfg.gateway.rtt_s / 2,
                      lognormal_noise(rng.lognormvariate, cfg.noise_cv),
-                     hosts=None if cfg.host is None else Hosts(loop, cfg.host))
+                     hosts=None if cfg.host is None else Hosts(loop, cfg.host),
+                     first_token_delay=0.0 if cfg.host is None else cfg.host.first_token_delay_s)
     cluster = Cluster(ctx, cfg)
     cluster.form()
     feeder = _Feeder(loop, iter(trace), gateway, recorder)

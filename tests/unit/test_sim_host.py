@@ -62,6 +62,16 @@ def test_prefill_ends_first_and_decode_speeds_up_again() -> None:
     assert a["end_s"] == pytest.approx(3.2 + (1.0 - 0.2 - 2.0 / 3), abs=1e-12)
 
 
+def test_first_token_delay_only_while_a_neighbour_computes() -> None:
+    # A's prefill ends alone (no delay); B's ends at 3.2 while A decodes (delayed)
+    trace = [TraceRequest(0.0, 10, 11), TraceRequest(1.2, 10, 1)]
+    a, b = _records(trace, _cfg(HostSpec(2, 2.0, 3.0, 0.005)), FLAT)
+    assert a["first_token_s"] == pytest.approx(1.0, abs=1e-12)
+    assert b["first_token_s"] == pytest.approx(3.205, abs=1e-12)
+    assert b["end_s"] == pytest.approx(3.205, abs=1e-12)
+    assert a["end_s"] == pytest.approx(3.2 + (1.0 - 0.2 - 2.0 / 3), abs=1e-12)
+
+
 def test_separate_hosts_do_not_interact() -> None:
     trace = [TraceRequest(0.0, 10, 3), TraceRequest(1.05, 10, 2)]
     assert _records(trace, _cfg(HostSpec(1, 2.0, 3.0)), FLAT) == _records(trace, _cfg(None), FLAT)
@@ -72,6 +82,8 @@ def test_host_spec_and_mode_are_checked() -> None:
         HostSpec(0)
     with pytest.raises(ValueError, match="host.prefill_factor"):
         HostSpec(2, 0.9)
+    with pytest.raises(ValueError, match="host.first_token_delay_s"):
+        HostSpec(2, 1.0, 1.0, -0.001)
     with pytest.raises(ValueError, match="disaggregated"):
         SimConfig((ScenarioSpec("default", 1, 1),), mode="aggregated", host=HostSpec())
 
