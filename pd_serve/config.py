@@ -102,6 +102,10 @@ class PDConfig:
     # Layer-wise hand-off: decode is engaged before the prefill and reads each layer while the
     # next ones compute (torch backend; docs/architecture.md); handoff_mode is then unused.
     handoff_layerwise: bool = False
+    # Decode: staging buffers (each max_model_len tokens of KV), so as many KV reads can run at
+    # once; more than 1 keeps a layer-wise read, which waits on its prefill, from holding up
+    # the hand-offs behind it.
+    decode_staging_buffers: int = 1
     transport_host: str = "127.0.0.1"  # where the KV transport binds
     transport: str = "tcp"  # tcp: host buffers over cann_ext TCP | nccl: GPU buffers over NCCL
     #                         | hccl: NPU buffers over HCCL (docs/operations.md section 5)
@@ -118,7 +122,7 @@ class PDConfig:
     prefill_queue_max: int = 64  # baseline (a): local FIFO places per prefill (queue=true offers)
 
     def __post_init__(self) -> None:
-        for name in ("b_p", "peer_probe_failures"):
+        for name in ("b_p", "peer_probe_failures", "decode_staging_buffers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"pd.{name} must be positive, got {getattr(self, name)}")
         if self.transport not in TRANSPORTS:

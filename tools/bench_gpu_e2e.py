@@ -122,14 +122,19 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> list[dict[str, 
             rows.append({"mode": mode, "rate": rate, **row})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     return rows
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM in reverse start order (gateway first), then kill what is left after 30 s."""
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def main() -> None:

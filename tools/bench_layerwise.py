@@ -30,7 +30,7 @@ REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(REPO))
 
-from bench_gpu_e2e import spawn, wait_healthy  # noqa: E402
+from bench_gpu_e2e import spawn, stop_all, wait_healthy  # noqa: E402
 
 from pd_serve.instance.launch import free_port  # noqa: E402
 
@@ -93,13 +93,7 @@ def run_mode(layerwise: bool, args: argparse.Namespace, work: Path) -> list[dict
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "first_gaps_ms"}),
                   flush=True)
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     return rows
 
 

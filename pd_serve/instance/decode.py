@@ -4,9 +4,10 @@ them with continuous batching and streams the remaining deltas to whoever attach
 Lifecycle of one hand-off (who frees what):
 1. `accept()` validates it and queues it with a `_Stream` (buffered events, attach deadline);
 2. the retrieval loop reserves blocks for the queue head (`reserve_handoff`; None means wait for
-   a finished request) and starts `_retrieve`, which reads the KV on a worker thread, so
-   running decode steps never wait on the network, then scatters it into the reserved blocks
-   with one short call on the engine thread (runners are not thread-safe);
+   a finished request) and starts `_retrieve`, which takes a free staging buffer (waiting
+   while all `pd.decode_staging_buffers` are in use), reads the KV into it on a worker thread,
+   so running decode steps never wait on the network, then scatters it into the reserved
+   blocks with one short call on the engine thread (runners are not thread-safe);
 3. fetched: prefill is told (HandoffDone ok) and frees its slot; `add_prefilled` turns the
    reservation into a running request whose outputs are buffered as `delta` events;
 4. the request ends by finishing, by its consumer leaving, by `abort()`, or because nobody
@@ -75,7 +76,9 @@ class DecodeRole:
         self._queue: deque[tuple[HandoffRequest, Any]] = deque()
         self._streams: dict[str, _Stream] = {}
         self._fetching = 0
-        self._fetch_lock = asyncio.Lock()
+        # staging buffers of the receiver not in use: a fetch takes one for its read and the
+        # scatter out of it (filled in `start`, on the running loop)
+        self._staging: asyncio.Queue[int] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=10.0)
@@ -84,6 +87,8 @@ class DecodeRole:
         self.draining = False
 
     def start(self) -> None:
+        for i in range(getattr(self.rt.receiver, "num_staging", 1)):
+            self._staging.put_nowait(i)
         self._spawn(self._retrieval_loop())
         self._spawn(self._sweep())
 
@@ -141,12 +146,15 @@ class DecodeRole:
                 self._fetching += 1
                 self._spawn(self._retrieve(msg, source, table))
 
-    def _read(self, msg: HandoffRequest, source: Any, table: Any) -> tuple[Any, int]:
-        """Worker thread: the request's K/V (a staging view) and its first token."""
+    def _read(self, msg: HandoffRequest, source: Any, table: Any,
+              staging: int) -> tuple[Any, int]:
+        """Worker thread: the request's K/V (a view of staging buffer `staging`) and its first
+        token."""
         receiver, timeout = self.rt.receiver, self.pd.fetch_timeout_s
         if source.layerwise:
-            return receiver.read_layerwise(source, table, timeout)
-        return receiver.read(source, table, self.pd.handoff_mode, timeout), msg.first_token_id
+            return receiver.read_layerwise(source, table, timeout, staging)
+        return (receiver.read(source, table, self.pd.handoff_mode, timeout, staging),
+                msg.first_token_id)
 
     def _still_head(self, msg: HandoffRequest) -> bool:
         """`abort` may remove the queue's head while the loop awaits the engine; popping
@@ -158,12 +166,15 @@ class DecodeRole:
         try:
             if self.pd.fetch_delay_s:  # fault-injection tests: a hand-off that stays pending
                 await asyncio.sleep(self.pd.fetch_delay_s)
-            async with self._fetch_lock:  # one staging buffer: fetches take turns
-                kv, first = await asyncio.to_thread(self._read, msg, source, table)
+            staging = await self._staging.get()  # fetches beyond the buffers take turns
+            try:
+                kv, first = await asyncio.to_thread(self._read, msg, source, table, staging)
                 # RecvScatter on the engine thread: runners are not thread-safe, and `kv` is a
-                # view of the staging buffer, so the write finishes before the lock is let go.
+                # view of the staging buffer, so the write finishes before it is given back.
                 runner = self.rt.runner
                 await self.rt.engine.call(lambda _e: runner.write_kv(table, kv))
+            finally:
+                self._staging.put_nowait(staging)
         except HandoffAborted as exc:  # layer-wise: prefill ended it and told its client
             await self._cancel_reservation(rid)
             self._streams.pop(rid, None)  # nobody will attach
@@ -178,7 +189,8 @@ class DecodeRole:
             self._fetching -= 1
         arrived = self._streams[rid].arrived if rid in self._streams else None
         self.events.handoff_done(source.layout.total_bytes, arrived)
-        await self._done(msg, True, None)
+        # prefill frees its slot on this; the first decode step need not wait for the round trip
+        self._spawn(self._done(msg, True, None))
         stream = self._streams.get(rid)
         if stream is None or stream.cancelled:
             await self._cancel_reservation(rid)

@@ -40,6 +40,7 @@ import httpx
 from pd_serve.api.errors import APIError
 from pd_serve.config import PDConfig
 from pd_serve.engine.async_engine import EngineError
+from pd_serve.engine.outputs import RequestOutput
 from pd_serve.instance.admission import (
     REJECTIONS,
     decide_offer,
@@ -181,16 +182,9 @@ class PrefillRole:
             rid, prompt, params, prefill_only=not self.aggregated, importance_q=last_q))
         parked = handed = False
         try:
-            try:
-                first = await outputs.__anext__()
-            except (ValueError, EngineError) as exc:
-                yield sse("error", ErrorEvent(message=str(exc), code="prefill_failed"))
-                return
-            self.events.prefill_seconds.observe(time.monotonic() - started)
-            late = past_deadline(deadline, time.monotonic())
-            self.late += late
-            yield sse("first", first_event(first, late, req))
-            if first.finished:
+            first, event = await self.first_output(outputs, started, deadline, req)
+            yield event
+            if first is None or first.finished:
                 return
             if self.aggregated:
                 async for out in outputs:
@@ -214,6 +208,20 @@ class PrefillRole:
             await outputs.aclose()
             if not handed:
                 self._spawn(self.free_slot(slot, rid if parked else None))
+
+    async def first_output(self, outputs: AsyncIterator[RequestOutput], started: float,
+                           deadline: float | None, req: PrefillRequest,
+                           ) -> tuple[RequestOutput | None, str]:
+        """The request's first output and its `first` SSE event (timed, checked against the
+        deadline), or None and a `prefill_failed` error event."""
+        try:
+            first = await outputs.__anext__()
+        except (ValueError, EngineError) as exc:
+            return None, sse("error", ErrorEvent(message=str(exc), code="prefill_failed"))
+        self.events.prefill_seconds.observe(time.monotonic() - started)
+        late = past_deadline(deadline, time.monotonic())
+        self.late += late
+        return first, sse("first", first_event(first, late, req))
 
     def _stage(self, engine: Any, slot: int, rid: str) -> Any:
         """Engine thread: copies the parked request's KV into the slot buffer, frees its blocks."""

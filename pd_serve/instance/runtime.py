@@ -178,7 +178,8 @@ def make_receiver(cfg: ServeConfig, transport: Any, runner: ModelRunner, max_tok
     from pd_serve.kv.receiver import KVReceiver
 
     layout, buffers = _kv_side(cfg, runner, max_tokens)
-    return KVReceiver(transport, layout, cfg.cache.block_size, buffers)
+    return KVReceiver(transport, layout, cfg.cache.block_size, buffers,
+                      cfg.pd.decode_staging_buffers)
 
 
 def source_to_json(source: Any) -> dict[str, Any]:

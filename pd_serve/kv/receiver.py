@@ -2,8 +2,10 @@
 
 Lifecycle (caller: the decode instance's hand-off code, one fetch at a time; `fetch` blocks up
 to its timeout):
-1. constructed: allocates one staging buffer sized for `staging_layout` (max_model_len tokens)
-   and registers it with the transport;
+1. constructed: allocates `num_staging` staging buffers sized for `staging_layout`
+   (max_model_len tokens each) and registers them with the transport; fetches into different
+   buffers may overlap (a layer-wise read waits on its prefill, so one buffer would hold up
+   every hand-off behind it);
 2. `fetch(source, block_table, runner, mode, timeout_s)` connects to the source's endpoint
    (connections and imported regions are cached per peer), reads the request's bytes into the
    staging buffer (one read, one per layer, or one per block per layer per K/V), verifies the
@@ -19,6 +21,7 @@ connection of the failing peer, so the next fetch from it reconnects.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Literal
 
@@ -51,32 +54,49 @@ class HandoffAborted(HandoffError):
 
 
 class KVReceiver:
-    """One registered staging buffer plus cached peer connections."""
+    """`num_staging` registered staging buffers plus cached peer connections. Reads into
+    different staging buffers may run on different threads at once (the transport, not
+    thread-safe itself, is called under one lock, one read_batch at a time); each buffer is
+    one caller's at a time."""
 
     def __init__(self, transport: Transport, staging_layout: KVLayout, block_size: int,
-                 buffers: KVBuffers | None = None) -> None:
+                 buffers: KVBuffers | None = None, num_staging: int = 1) -> None:
+        if num_staging < 1:
+            raise ValueError(f"num_staging must be positive, got {num_staging}")
         self.transport = transport
         self.staging_layout = staging_layout
         self.block_size = block_size
         self._mem: KVBuffers = buffers or HostBuffers()
         self._trailer = trailer_offset(staging_layout.total_bytes)
-        # [trailer + trailer_bytes(L)] uint8: the KV, then a layer-wise source's progress words
-        self._staging = self._mem.alloc(self._trailer + trailer_bytes(staging_layout.num_layers))
-        self._handle: int | None = transport.register(self._staging)
+        size = self._trailer + trailer_bytes(staging_layout.num_layers)
+        # each [trailer + trailer_bytes(L)] uint8: the KV, then a layer-wise source's progress
+        self._staging = [self._mem.alloc(size) for _ in range(num_staging)]
+        self._handles: list[int] = []
+        self._io = threading.Lock()  # transport calls and the connection caches
         self._peers: dict[bytes, Any] = {}  # conn id -> peer
         self._remotes: dict[tuple[bytes, bytes], Any] = {}  # (conn id, region) -> remote
+        try:
+            for buf in self._staging:
+                self._handles.append(transport.register(buf))
+        except Exception:
+            self.close()
+            raise
         self.last_num_reads = 0  # ranges the last fetch read (bulk 1, per layer L, ...)
 
+    @property
+    def num_staging(self) -> int:
+        return len(self._staging)
+
     def fetch(self, source: HandoffSource, block_table: list[int], runner: ModelRunner,
-              mode: Mode = "bulk", timeout_s: float = 10.0) -> Any:
+              mode: Mode = "bulk", timeout_s: float = 10.0, staging: int = 0) -> Any:
         """`read`, then RecvScatter: writes the K/V into `block_table`'s blocks with
         `runner.write_kv`; returns the received K/V. HandoffError on any failure."""
-        kv = self.read(source, block_table, mode, timeout_s)
+        kv = self.read(source, block_table, mode, timeout_s, staging)
         runner.write_kv(block_table, kv)
         return kv
 
     def read(self, source: HandoffSource, block_table: list[int], mode: Mode = "bulk",
-             timeout_s: float = 10.0) -> Any:
+             timeout_s: float = 10.0, staging: int = 0) -> Any:
         """Reads and verifies the request's K/V without touching the cache; returns
         [num_layers, 2, num_tokens, num_kv_heads, head_dim], a view of the staging buffer valid
         until the next read (for callers that must run `write_kv` on the engine thread, since
@@ -88,13 +108,13 @@ class KVReceiver:
         reads = [Read(off, source.offset + off, n) for off, n in _ranges(layout, mode,
                                                                          self.block_size)]
         deadline = time.monotonic() + timeout_s
-        self._transfer(source, reads, deadline)
+        self._transfer(source, staging, reads, deadline)
         self.last_num_reads = len(reads)
-        self._verify(source, layout, source.checksums)
-        return self._mem.as_kv(layout, self._staging)
+        self._verify(source, layout, source.checksums, staging)
+        return self._mem.as_kv(layout, self._staging[staging])
 
     def read_layerwise(self, source: HandoffSource, block_table: list[int],
-                       timeout_s: float = 10.0) -> tuple[Any, int]:
+                       timeout_s: float = 10.0, staging: int = 0) -> tuple[Any, int]:
         """`read` of a layer-wise source while its prefill runs: polls the progress trailer
         and reads each run of newly staged layers in one range, until the owner says DONE.
         Returns the K/V view and the first token id. HandoffAborted when the owner gave up
@@ -105,11 +125,12 @@ class KVReceiver:
             raise HandoffError(f"hand-off of {source.request_id!r} is not layer-wise")
         n_layers, layer_bytes = layout.num_layers, layout.layer_bytes
         trailer = Read(self._trailer, source.progress_offset, trailer_bytes(n_layers))
+        buf = self._buffer(staging)
         deadline, done, reads, pause = time.monotonic() + timeout_s, 0, 0, POLL_MIN_S
         while True:
-            self._transfer(source, [trailer], deadline)
+            self._transfer(source, staging, [trailer], deadline)
             try:
-                prog = Progress.parse(self._mem.words(self._staging, self._trailer,
+                prog = Progress.parse(self._mem.words(buf, self._trailer,
                                                       trailer_words(n_layers)), n_layers)
             except ValueError as exc:
                 raise HandoffError(f"hand-off of {source.request_id!r}: {exc}") from exc
@@ -118,9 +139,10 @@ class KVReceiver:
                                      f"prefill ({progress.STATES[prog.state]})",
                                      prog.state == progress.FINISHED)
             if prog.staged > done:  # layers are contiguous: one range for the new ones
-                self._transfer(source, [Read(done * layer_bytes, source.offset
-                                             + done * layer_bytes,
-                                             (prog.staged - done) * layer_bytes)], deadline)
+                self._transfer(source, staging, [Read(done * layer_bytes, source.offset
+                                                      + done * layer_bytes,
+                                                      (prog.staged - done) * layer_bytes)],
+                               deadline)
                 done, reads, pause = prog.staged, reads + 1, POLL_MIN_S
             if prog.state == progress.DONE:
                 break
@@ -130,29 +152,33 @@ class KVReceiver:
             time.sleep(pause)
             pause = min(2 * pause, POLL_MAX_S)
         self.last_num_reads = reads
-        self._verify(source, layout, prog.checksums)
-        return self._mem.as_kv(layout, self._staging), prog.first_token
+        self._verify(source, layout, prog.checksums, staging)
+        return self._mem.as_kv(layout, buf), prog.first_token
 
-    def _transfer(self, source: HandoffSource, reads: list[Read], deadline: float) -> None:
-        """One read_batch from the source's peer; transport failures become HandoffError."""
+    def _transfer(self, source: HandoffSource, staging: int, reads: list[Read],
+                  deadline: float) -> None:
+        """One read_batch from the source's peer into staging buffer `staging`; transport
+        failures become HandoffError."""
         timeout_s = max(deadline - time.monotonic(), 1e-3)
-        try:
-            peer, remote = self._connect(source, timeout_s)
-            self.transport.read_batch(peer, self._require_handle(), remote, reads, timeout_s)
-        except TransportTimeout as exc:
-            self._forget(source.conn_id)
-            raise HandoffError(f"hand-off of {source.request_id!r} timed out: {exc}") from exc
-        except TransportError as exc:
-            self._forget(source.conn_id)
-            raise HandoffError(f"hand-off of {source.request_id!r} failed: {exc}") from exc
+        with self._io:
+            try:
+                peer, remote = self._connect(source, timeout_s)
+                self.transport.read_batch(peer, self._handle(staging), remote, reads, timeout_s)
+            except TransportTimeout as exc:
+                self._forget(source.conn_id)
+                raise HandoffError(f"hand-off of {source.request_id!r} timed out: "
+                                   f"{exc}") from exc
+            except TransportError as exc:
+                self._forget(source.conn_id)
+                raise HandoffError(f"hand-off of {source.request_id!r} failed: {exc}") from exc
 
-    def _verify(self, source: HandoffSource, layout: KVLayout,
-                checksums: tuple[int, ...]) -> None:
+    def _verify(self, source: HandoffSource, layout: KVLayout, checksums: tuple[int, ...],
+                staging: int) -> None:
         if source.checksum_algo != self._mem.checksum_algo:
             raise HandoffError(f"hand-off of {source.request_id!r}: checksums are "
                                f"{source.checksum_algo!r}, this receiver checks "
                                f"{self._mem.checksum_algo!r}")
-        got = self._mem.checksums(layout, self._staging)
+        got = self._mem.checksums(layout, self._staging[staging])
         bad = [i for i, (a, b) in enumerate(zip(got, checksums)) if a != b]
         if bad:
             raise HandoffError(f"hand-off of {source.request_id!r}: checksum mismatch in "
@@ -192,20 +218,25 @@ class KVReceiver:
         for key in [k for k in self._remotes if k[0] == conn_id]:
             del self._remotes[key]
 
-    def _require_handle(self) -> int:
-        if self._handle is None:
+    def _buffer(self, staging: int) -> Any:
+        if not 0 <= staging < len(self._staging):
+            raise ValueError(f"staging buffer {staging} outside [0, {len(self._staging)})")
+        return self._staging[staging]
+
+    def _handle(self, staging: int) -> int:
+        self._buffer(staging)
+        if len(self._handles) != len(self._staging):
             raise TransportError("the receiver is closed")
-        return self._handle
+        return self._handles[staging]
 
     @property
     def num_peers(self) -> int:
         return len(self._peers)
 
     def close(self) -> None:
-        """Deregisters the staging buffer; the receiver must not be used afterwards."""
-        if self._handle is not None:
-            self.transport.deregister(self._handle)
-            self._handle = None
+        """Deregisters the staging buffers; the receiver must not be used afterwards."""
+        while self._handles:
+            self.transport.deregister(self._handles.pop())
         self._peers.clear()
         self._remotes.clear()
 

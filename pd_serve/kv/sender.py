@@ -98,20 +98,22 @@ class KVSender:
                              checksum_algo=self._mem.checksum_algo,
                              progress_offset=self._trailer)
 
-    def stage_layer(self, slot: int, runner: ModelRunner, block_table: list[int],
-                    layer: int) -> None:
-        """Copies layer `layer` of the slot's request out of the cache and reports it staged."""
-        layout = self._layerwise_layout(slot)
+    def stage_layer(self, slot: int, request_id: str, runner: ModelRunner,
+                    block_table: list[int], layer: int) -> None:
+        """Copies layer `layer` of the slot's request out of the cache and reports it staged.
+        Every layer-wise call names the request: a slot freed early (its decode peer died) and
+        claimed again must not take the first request's writes."""
+        layout = self._layerwise_layout(slot, request_id)
         if not 0 <= layer < layout.num_layers:
             raise ValueError(f"layer {layer} outside [0, {layout.num_layers})")
         self._mem.fill_layer(self._buffers[slot], runner, block_table, layout, layer,
                              self._trailer)
         self._written(slot)
 
-    def finish_layerwise(self, slot: int, first_token_id: int) -> None:
+    def finish_layerwise(self, slot: int, request_id: str, first_token_id: int) -> None:
         """Every layer staged: publishes the first token, then DONE. ValueError if a layer is
-        missing (the prefill did not run every layer's hook)."""
-        layout = self._layerwise_layout(slot)
+        missing (the prefill did not run every layer's hook) or the slot is not the request's."""
+        layout = self._layerwise_layout(slot, request_id)
         staged = int(self._mem.words(self._buffers[slot], self._trailer, 2)[1])
         if staged != layout.num_layers:
             raise ValueError(f"slot {slot}: {staged} of {layout.num_layers} layers staged")
@@ -120,11 +122,11 @@ class KVSender:
         self._layerwise.pop(slot)
         self._written(slot)
 
-    def abort_layerwise(self, slot: int, finished: bool) -> None:
+    def abort_layerwise(self, slot: int, request_id: str, finished: bool) -> None:
         """Ends a layer-wise hand-off without KV for decode: FINISHED (the request ended at its
         first token) or FAILED. The slot stays staged until `release`: the reader may still be
-        polling it. A slot not being staged layer-wise is left alone."""
-        if self._layerwise.pop(slot, None) is None:
+        polling it. A slot not being staged layer-wise for this request is left alone."""
+        if self._staged.get(slot) != request_id or self._layerwise.pop(slot, None) is None:
             return
         state = progress.FINISHED if finished else progress.FAILED
         self._mem.set_words(self._buffers[slot], self._trailer, 0, [state])
@@ -146,10 +148,10 @@ class KVSender:
         self._staged[slot] = request_id
         return self.slot_layout.with_tokens(num_tokens)
 
-    def _layerwise_layout(self, slot: int) -> KVLayout:
+    def _layerwise_layout(self, slot: int, request_id: str) -> KVLayout:
         layout = self._layerwise.get(slot)
-        if layout is None:
-            raise ValueError(f"slot {slot} is not being staged layer-wise")
+        if layout is None or self._staged.get(slot) != request_id:
+            raise ValueError(f"slot {slot} is not being staged layer-wise for {request_id!r}")
         return layout
 
     def _written(self, slot: int) -> None:

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +301,25 @@ def test_layerwise_handoff_ended_by_prefill_frees_both_sides(cluster: PDCluster)
     done = _client(cluster.frontend.url).completions.create(model=MODEL, prompt=PROMPTS[0],
                                                             max_tokens=6, temperature=0)
     assert done.usage is not None and done.usage.completion_tokens == 6
+    check_clean(cluster)
+
+
+@pytest.mark.parametrize("cluster", [{"handoff_layerwise": True, "decode_staging_buffers": 2}],
+                         indirect=True)
+def test_layerwise_concurrent_requests_equal_sequential(cluster: PDCluster) -> None:
+    """Four requests at once (two layer-wise reads at a time on decode) give the same greedy
+    text as the same requests one by one."""
+    assert cluster.frontend is not None
+    client = _client(cluster.frontend.url)
+
+    def ask(prompt: str) -> str | None:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        return r.choices[0].text
+
+    one_by_one = [ask(p) for p in PROMPTS[:4]]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, PROMPTS[:4])) == one_by_one
     check_clean(cluster)
 
 

@@ -6,10 +6,6 @@ leak into other tests."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -18,8 +14,7 @@ import torch.nn.functional as F
 
 from pd_serve.backends.torch.kernels import load_pd_kernels
 from pd_serve.backends.torch.model import apply_rope, rms_norm
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.triton_interp import run_under_interpreter, script_main
 
 
 def _kernels() -> ModuleType:
@@ -141,13 +136,8 @@ def interpreter_checks() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_fused_triton_kernels_under_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_under_interpreter(__file__)
 
 
 if __name__ == "__main__":
-    problems = interpreter_checks()
-    print("\n".join(problems) or "interpreter checks passed")
-    sys.exit(1 if problems else 0)
+    script_main(interpreter_checks)

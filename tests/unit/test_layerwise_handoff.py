@@ -60,7 +60,7 @@ def make_transports(kind: str) -> tuple[Transport, Transport]:
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[KVSender, KVReceiver]]:
     owner, reader = make_transports(request.param)
     sender = KVSender(owner, LAYOUT, 2)
-    receiver = KVReceiver(reader, LAYOUT, BLOCK)
+    receiver = KVReceiver(reader, LAYOUT, BLOCK, num_staging=2)
     yield sender, receiver
     sender.leak_check()
     sender.close()
@@ -71,14 +71,14 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[KVSender, KVReceiver]
 
 
 def read_in_thread(receiver: KVReceiver, source: HandoffSource, table: list[int],
-                   timeout_s: float = 10.0) -> Callable[[], Any]:
+                   timeout_s: float = 10.0, staging: int = 0) -> Callable[[], Any]:
     """Starts read_layerwise on a thread; the returned function joins it and returns (kv copy,
     first token) or raises what the read raised."""
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            kv, first = receiver.read_layerwise(source, table, timeout_s)
+            kv, first = receiver.read_layerwise(source, table, timeout_s, staging)
             box["result"] = (np.array(kv), first)
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
@@ -105,11 +105,34 @@ def test_reader_follows_the_layers_as_they_are_staged(pair: tuple[KVSender, KVRe
     join = read_in_thread(receiver, source, table)
     for layer in range(LAYERS):
         time.sleep(0.02)  # the reader polls meanwhile and reads what is staged
-        sender.stage_layer(0, RUNNER, table, layer)
-    sender.finish_layerwise(0, 42)
+        sender.stage_layer(0, "r1", RUNNER, table, layer)
+    sender.finish_layerwise(0, "r1", 42)
     kv, first = join()
     assert first == 42 and np.array_equal(kv, expected(table, n))
     assert 2 <= receiver.last_num_reads <= LAYERS  # the layers came in more than one read
+    sender.release(0)
+
+
+def test_two_layerwise_reads_at_once(pair: tuple[KVSender, KVReceiver]) -> None:
+    """Two prefills stage at once and decode reads both, into its two staging buffers, while
+    they progress (the transport is called under the receiver's lock, one read at a time)."""
+    sender, receiver = pair
+    tables = {0: [4, 5], 1: [9, 8]}
+    joins = {slot: read_in_thread(receiver, sender.begin_layerwise(slot, 6, f"s{slot}"),
+                                  tables[slot], staging=slot) for slot in (0, 1)}
+    for layer in range(LAYERS):
+        for slot in (1, 0):
+            sender.stage_layer(slot, f"s{slot}", RUNNER, tables[slot], layer)
+        time.sleep(0.01)
+    for slot in (0, 1):
+        sender.finish_layerwise(slot, f"s{slot}", 100 + slot)
+    for slot in (0, 1):
+        kv, first = joins[slot]()
+        assert first == 100 + slot and np.array_equal(kv, expected(tables[slot], 6))
+        sender.release(slot)
+    with pytest.raises(ValueError, match="staging buffer 2 outside"):
+        receiver.read_layerwise(sender.begin_layerwise(0, 2, "s2"), [0], 1.0, staging=2)
+    sender.abort_layerwise(0, "s2", False)
     sender.release(0)
 
 
@@ -119,15 +142,16 @@ def test_owner_abort_reaches_the_reader(pair: tuple[KVSender, KVReceiver],
     sender, receiver = pair
     source = sender.begin_layerwise(1, 5, "r2")
     join = read_in_thread(receiver, source, [0, 1])
-    sender.stage_layer(1, RUNNER, [0, 1], 0)
+    sender.stage_layer(1, "r2", RUNNER, [0, 1], 0)
     time.sleep(0.02)
-    sender.abort_layerwise(1, finished)
+    sender.abort_layerwise(1, "other", finished)  # not this slot's request: ignored
+    sender.abort_layerwise(1, "r2", finished)
     with pytest.raises(HandoffAborted, match="finished" if finished else "failed") as info:
         join()
     assert info.value.finished is finished
-    sender.abort_layerwise(1, finished)  # a second abort is harmless
+    sender.abort_layerwise(1, "r2", finished)  # a second abort is harmless
     with pytest.raises(ValueError, match="not being staged"):
-        sender.stage_layer(1, RUNNER, [0, 1], 1)
+        sender.stage_layer(1, "r2", RUNNER, [0, 1], 1)
     sender.release(1)
 
 
@@ -144,8 +168,8 @@ def test_corrupt_layer_and_corrupt_trailer_are_errors(pair: tuple[KVSender,
     sender, receiver = pair
     source = sender.begin_layerwise(0, 4, "r4")
     for layer in range(LAYERS):
-        sender.stage_layer(0, RUNNER, [2], layer)
-    sender.finish_layerwise(0, 7)
+        sender.stage_layer(0, "r4", RUNNER, [2], layer)
+    sender.finish_layerwise(0, "r4", 7)
     sender.buffer(0)[LAYOUT.with_tokens(4).layer_bytes + 3] ^= 0xFF  # a bit flip in layer 1
     with pytest.raises(HandoffError, match=r"checksum mismatch in layer\(s\) \[1\]"):
         receiver.read_layerwise(source, [2])
@@ -162,17 +186,19 @@ def test_sender_refuses_misuse(pair: tuple[KVSender, KVReceiver]) -> None:
     with pytest.raises(ValueError, match="still holds"):
         sender.begin_layerwise(0, 4, "r6")
     with pytest.raises(ValueError, match="layer 4 outside"):
-        sender.stage_layer(0, RUNNER, [0], LAYERS)
-    sender.stage_layer(0, RUNNER, [0], 0)
+        sender.stage_layer(0, "r5", RUNNER, [0], LAYERS)
+    sender.stage_layer(0, "r5", RUNNER, [0], 0)
+    with pytest.raises(ValueError, match="not being staged layer-wise for 'r6'"):
+        sender.stage_layer(0, "r6", RUNNER, [0], 1)  # a stale request's late layer
     with pytest.raises(ValueError, match="1 of 4 layers staged"):
-        sender.finish_layerwise(0, 1)
+        sender.finish_layerwise(0, "r5", 1)
     with pytest.raises(ValueError, match="do not fit"):
         sender.begin_layerwise(1, LAYOUT.num_tokens + 1, "r7")
     with pytest.raises(HandoffError, match="layer-wise: use read_layerwise"):
         receiver.read(HandoffSource.from_json(sender.begin_layerwise(1, 4, "r8").to_json()),
                       [0])
-    for slot in (0, 1):
-        sender.abort_layerwise(slot, False)
+    for slot, rid in ((0, "r5"), (1, "r8")):
+        sender.abort_layerwise(slot, rid, False)
         sender.release(slot)
 
 
