@@ -14,8 +14,10 @@ which is the worst case because every profile curve is nondecreasing in tokens):
   tokens) in the steps the worker runs (`catchup_steps`: a first chunk of whole blocks while
   cloud tokens are still expected, then the hand-over request in steps of at most the chunk
   size) and has its first own token (sampled by the hand-over step) at T1 + H, with the
-  catch-up H = (Tr + sum of D(step)) (1 + `margin_frac`) + `margin_s`, D = the device's
-  prefill step time (profiled as a high percentile of engine steps, not the mean); it then
+  catch-up H = (Tr + sum of the steps' times) (1 + `margin_frac`) + `margin_s`, a step of t
+  tokens after c cached ones costing max(D(t), D(c + t) - D(c) + D(1)) (`step_s`: attention
+  over the cached context), D = the device's prefill time from an empty cache (profiled as a
+  high percentile of engine steps, not the mean); it then
   decodes one token per device decode step (profiled the same way).
 Constraints: TTFT = T1 <= target; every gap <= B = max TPOT - `display_jitter_s` (the display
 wakes up to that late, so a gap planned within B is shown within max TPOT; the speed controller
@@ -186,19 +188,40 @@ def catchup_steps(kept: int, n: int, chunk_max: int, block: int) -> list[int]:
     return steps
 
 
+def step_s(dev: DeviceProfile, context: int, tokens: int) -> float:
+    """One prefill step of `tokens` new tokens after `context` cached ones. The profile times
+    prefills from an empty cache; a later chunk also attends to the cached context, so it costs
+    what the profile adds from `context` to `context + tokens` tokens plus the profile's
+    smallest step (the step's fixed cost), never less than the same chunk from empty."""
+    alone = dev.prefill_s(tokens)
+    if context <= 0:
+        return alone
+    return max(alone, dev.prefill_s(context + tokens) - dev.prefill_s(context)
+               + dev.prefill_s(1))
+
+
+def steps_s(dev: DeviceProfile, steps: list[int]) -> float:
+    """The steps run one after the other over one growing sequence (`step_s` each)."""
+    total, context = 0.0, 0
+    for t in steps:
+        total += step_s(dev, context, t)
+        context += t
+    return total
+
+
 def device_prefill_s(dev: DeviceProfile, tokens: int, grid: Grid = DEFAULT_GRID) -> float:
     """The device's prefill of `tokens` in steps of at most `chunk_max_tokens` (device-only
     TTFT)."""
     full, rest = divmod(tokens, grid.chunk_max_tokens)
-    return full * dev.prefill_s(grid.chunk_max_tokens) + (dev.prefill_s(rest) if rest else 0.0)
+    return steps_s(dev, [grid.chunk_max_tokens] * full + ([rest] if rest else []))
 
 
 def catchup_s(cls: RequestClass, n: int, rho: float, grid: Grid = DEFAULT_GRID) -> float:
-    """(Tr + sum of D(step) over `catchup_steps`) x (1 + margin_frac) + margin_s: from T1
+    """(Tr + the `catchup_steps`' time, `steps_s`) x (1 + margin_frac) + margin_s: from T1
     until the device has its first own token (the hand-over step samples it)."""
     k = kept_tokens(cls.prompt_len_band[1], rho, grid.refine_window)
-    work = sum(cls.device_speed.prefill_s(t) for t in
-               catchup_steps(k, n, grid.chunk_max_tokens, grid.block_size))
+    work = steps_s(cls.device_speed, catchup_steps(k, n, grid.chunk_max_tokens,
+                                                   grid.block_size))
     return ((_transfer_s(k * grid.bytes_per_index, cls.bandwidth_bps) + work)
             * (1.0 + grid.margin_frac) + grid.margin_s)
 

@@ -33,6 +33,13 @@ class Run:
     d: float  # actual decode step
 
 
+def step_time(dev: DeviceProfile, ctx: int, tokens: int) -> float:
+    """A device step at most as slow as the planner's cost of it (a chunk after `ctx` cached
+    tokens attends to them: the profile's increment plus its smallest step)."""
+    grown = dev.prefill_s(ctx + tokens) - dev.prefill_s(ctx) + dev.prefill_s(1) if ctx else 0.0
+    return max(dev.prefill_s(tokens), grown)
+
+
 def device_timeline(run: Run, dev: DeviceProfile) -> tuple[list[tuple[float, int, int]], float,
                                                              int]:
     """The worker's rule (pd_device/worker.py) on the simulated clock: chunks of whole blocks
@@ -44,13 +51,13 @@ def device_timeline(run: Run, dev: DeviceProfile) -> tuple[list[tuple[float, int
         seq = run.kept + received
         end = (min(seq, computed + CHUNK) // BLOCK) * BLOCK
         if received < run.n + 1 and end - computed >= BLOCK:
-            t += run.step_factor * dev.prefill_s(end - computed)
+            t += run.step_factor * step_time(dev, computed, end - computed)
             computed = end
             marks.append((t, computed, seq))
             continue
         rest = seq - computed
         while rest > 0:  # the hand-over request, in engine steps of at most CHUNK
-            t += run.step_factor * dev.prefill_s(min(rest, CHUNK))
+            t += run.step_factor * step_time(dev, seq - rest, min(rest, CHUNK))
             rest -= min(rest, CHUNK)
         return marks, t, received
 
@@ -91,7 +98,9 @@ def simulate(run: Run, dev: DeviceProfile, cfg: ControllerConfig, n_local: int =
 def planned(draw: st.DrawFn) -> tuple[Profiles, RequestClass, Targets, Grid]:
     step = draw(st.floats(0.005, 0.05))  # per-step cost of the device
     per_token = draw(st.floats(1e-4, 2e-3))
-    dev = DeviceProfile(TimeCurve(((1.0, step + per_token), (4096.0, step + 4096 * per_token))),
+    quad = draw(st.sampled_from([0.0, 0.5, 2.0]))  # attention: superlinear in tokens
+    dev = DeviceProfile(TimeCurve(tuple((float(n), step + per_token * n * (1 + quad * n / 4096))
+                                        for n in (1, 256, 512, 1024, 2048, 4096))),
                         draw(st.floats(0.005, 0.04)))
     cloud = CloudProfile(TimeCurve(((1.0, 0.02), (4096.0, draw(st.floats(0.05, 1.0))))),
                          draw(st.floats(0.002, 0.03)))

@@ -106,8 +106,19 @@ def worker_steps(kept: int, n: int, chunk: int, block: int = 16) -> list[int]:
     return head + [chunk] * (rest // chunk) + ([rest % chunk] if rest % chunk else [])
 
 
+def steps_time(dev: DeviceProfile, steps: list[int]) -> float:
+    """Each step from an empty cache, or, after cached tokens, the profile's increment over
+    them plus its smallest step, whichever is larger (attention over the context)."""
+    total, ctx = 0.0, 0
+    for t in steps:
+        grown = dev.prefill_s(ctx + t) - dev.prefill_s(ctx) + dev.prefill_s(1) if ctx else 0.0
+        total += max(dev.prefill_s(t), grown)
+        ctx += t
+    return total
+
+
 def chunked_prefill_s(dev: DeviceProfile, tokens: int, chunk: int) -> float:
-    return sum(dev.prefill_s(t) for t in worker_steps(tokens - 1, 0, chunk))
+    return steps_time(dev, worker_steps(tokens - 1, 0, chunk))
 
 
 @st.composite
@@ -130,8 +141,7 @@ def displayed_gaps(cls: RequestClass, prof: Profiles, grid: Grid, p: Plan,
           + prof.cloud.ttft(hi))
     c = max(prof.cloud.tpot_s, grid.token_event_bytes * bits)
     k = min(hi, max(math.ceil(Fraction(s.rho) * hi), grid.refine_window))
-    work = sum(cls.device_speed.prefill_s(t)
-               for t in worker_steps(k, s.n_cloud, grid.chunk_max_tokens))
+    work = steps_time(cls.device_speed, worker_steps(k, s.n_cloud, grid.chunk_max_tokens))
     ready = t1 + (k * grid.bytes_per_index * bits + work) * (1 + grid.margin_frac) \
         + grid.margin_s
     shown = [t1]
@@ -268,8 +278,10 @@ def test_worked_example() -> None:
     k = kept_tokens(1024, 0.5, 32)
     assert k == 512
     # catch-up Tr + D(256) + D(256) + D(N + 1) (the worker's steps: a first chunk, then the
-    # hand-over request in 256-token steps) must fit into N * pace + max TPOT, fewest N
-    assert s.n_cloud == math.ceil((3 * 0.02 + 0.001 * (k + 1) + 544 * 48 / 1e8 - 0.05)
+    # hand-over request in 256-token steps; the two later steps cost one token more each, the
+    # profile's increment over the cached context plus its smallest step D(1)) must fit into
+    # N * pace + B, fewest N
+    assert s.n_cloud == math.ceil((3 * 0.02 + 0.001 * (k + 3) + 544 * 48 / 1e8 - 0.05)
                                   / (0.05 - 0.001))
     assert p.occupancy_s == pytest.approx(0.01 + 1024 * 5e-5 + s.n_cloud * 0.01)
 
