@@ -97,7 +97,8 @@ def replay_all(work: Path, real: dict[str, Any]) -> dict[str, Any]:
                                else PROFILE)
     cal = calibrate(real["probes"], base)
     return {"probe_f_p": cal["colocation"]["f_p"], "probe_f_d": cal["colocation"]["f_d_host"],
-            "runs": [replay_run(p, base, cal) for p in sorted(work.glob("real_load*.json"))]}
+            "runs": [replay_run(work / f"real_{r['label']}.json", base, cal)
+                     for r in real["runs"] if (work / f"real_{r['label']}.json").exists()]}
 
 
 def print_replay(out: dict[str, Any]) -> None:
