@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_under_interpreter(module_file: str) -> None:
     """Runs `module_file` as a script with TRITON_INTERPRET=1; AssertionError with its output
     unless it exits 0."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}  # `tests` importable
     proc = subprocess.run([sys.executable, module_file], capture_output=True, text=True,
                           timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
