@@ -35,10 +35,14 @@ Steps (one process, about 10 minutes on the 2-core VM; `--quick`: about 3):
      prefill(n): the short prompt gives the additive delay (event loops and SSE relays busy
      with the decode stream), the long one the compute slowdown f_p. Both instances, the
      gateway and the client share the 2 cores; a profile measured in isolation sees none of it;
+   the decode and co-location probes are repeated until two repetitions agree within
+   `--tolerance` (at most 4 tries; tools/validate_sim_checks.py), else the session is flagged;
 3. capacity: a closed loop (`--max-concurrency 20`) of the workload; the rates are `--loads` of it;
 4. `--repeats` rounds (2 by default) over the rates: `pd-serve bench run` per rate (load
    average and CPU per process recorded); every repeat of a rate sends the same requests at the
-   same times, so their spread is the real system's own;
+   same times, so their spread is the real system's own; then the probes again, and the drift
+   of the probe times and calibrated terms from before to after is reported (`drift`; beyond
+   `--tolerance` the session is flagged in `flags`);
 5. per rate: `pd-serve sim run` with the same workload options and seed, `--groups 1:1`, the
    same instance shape and `--vllm-metrics`, three times: *raw* (the profile as is, `--rtt-ms`
    = bare RTT), *host* (decode overhead added, RTT of the first-token path, both instances on
@@ -128,6 +132,13 @@ def measure(args: argparse.Namespace, work: Path, base: LatencyProfile) -> dict[
         real["runs"] = [measure_rate(dep, args, work, waits, load, capacity,
                                      f"load{load:g}-r{rnd + 1}")
                         for rnd in range(args.repeats) for load in args.loads]
+        # the probes again: their drift over the runs says whether the calibration still held
+        quiet(args, waits, "probes_after")
+        try:
+            real["probes_after"] = run_probes(dep, args.quick, args.tolerance)
+        except (RuntimeError, ValueError, OSError) as e:  # keep the runs: they are the result
+            real["probes_after_error"] = repr(e)
+        real["probes_after_disturbed_by"] = others(args.wait_for)
     finally:
         dep.stop()
     real["load_avg_end"] = load_avg()
@@ -139,7 +150,7 @@ def measure_probes(dep: Deployment, args: argparse.Namespace, waits: dict[str, A
     """The calibration probes; `pd-serve sim profile` rerun when `--reprofile` asks for it."""
     quiet(args, waits, "probes")
     t0 = time.monotonic()
-    out: dict[str, Any] = {"probes": run_probes(dep, args.quick)}
+    out: dict[str, Any] = {"probes": run_probes(dep, args.quick, args.tolerance)}
     out["probes_wall_s"] = round(time.monotonic() - t0, 1)
     out["probes_load_avg_after"] = load_avg()
     out["probes_disturbed_by"] = others(args.wait_for)
@@ -234,6 +245,8 @@ def main() -> None:
         (work / "real.json").write_text(json.dumps(real, indent=1))
     result = analyse(real, args.tolerance, work)
     print_table(result["rows"], args.tolerance)
+    for flag in result["flags"]:
+        print(f"FLAG {flag}", flush=True)
     if any(work.glob("real_load*.json")):  # the bench results with per-token times
         result["replay"] = replay_all(work, real)
         print_replay(result["replay"])

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from validate_sim_calibrate import calibrate, hosted_sim, mean_field_sim
+from validate_sim_checks import drift, probe_quantities, session_flags
 from validate_sim_lib import PROFILE, ROOT, sim_run
 
 from pd_serve.sim.latency import LatencyProfile
@@ -129,8 +130,18 @@ def analyse(real: dict[str, Any], tol: float, work: Path) -> dict[str, Any]:
         tag = f"load{load:g}"
         sims = _sims(base, profile_path, cal, group[0]["workload_args"], work, tag)
         rows.append(analyse_load(load, group, sims, tol))
-    return {"profile": str(profile_path.relative_to(ROOT)), "calibration": cal, "rows": rows,
-            "verdict": verdict(rows)}
+    flags = session_flags(real["probes"], "probes before")
+    out: dict[str, Any] = {"profile": str(profile_path.relative_to(ROOT)), "calibration": cal,
+                           "rows": rows, "verdict": verdict(rows), "flags": flags}
+    if "probes_after" in real:  # the probes repeated after the runs: did the machine drift?
+        after = calibrate(real["probes_after"], base)
+        out["calibration_after"] = after
+        out["drift"] = drift(probe_quantities(real["probes"], cal),
+                             probe_quantities(real["probes_after"], after), tol)
+        flags += session_flags(real["probes_after"], "probes after")
+        flags += [f"drift: {k} {100 * out['drift']['rel_change'][k]:+.0f} % between the probes "
+                  "before and after the runs" for k in out["drift"]["flagged"]]
+    return out
 
 
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:

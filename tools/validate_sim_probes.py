@@ -7,6 +7,8 @@ Probes, in order: warm-up; bare RTT (GET /health of the prefill instance); first
 tokens; steady decode steps for B = 1, 2, 4, 8, 16 at context ~64 and for 16 at context ~1,100;
 co-location (a small decode batch alone, then while prefill-only requests run back to back).
 Prompts are random token ids from one seeded generator, so a run sends the same prompts.
+The decode and co-location probes are repeated until two repetitions agree within the
+tolerance (tools/validate_sim_checks.py); `consistency` in the result reports every try.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from validate_sim_checks import repeat_until_agree
 from validate_sim_lib import MODEL, VOCAB, Deployment
 
 from pd_serve.bench.client import (
@@ -118,9 +121,9 @@ def measure_rtt(url: str, n: int = 60) -> float:
     return float(np.median(times[10:]))
 
 
-def run_probes(dep: Deployment, quick: bool) -> dict[str, Any]:
+def run_probes(dep: Deployment, quick: bool, tol: float) -> dict[str, Any]:
     """Raw probe measurements (profile-independent; the fits are made in `calibrate`)."""
-    url, reps = dep.url, (2 if quick else 6)
+    url, reps, tries = dep.url, (2 if quick else 6), (2 if quick else 4)
     send(url, [(64, 16)] * 4)  # warm-up: first requests pay connection and allocator costs
     out: dict[str, Any] = {"rtt_bare_s": measure_rtt(dep.prefill.url)}
     path: dict[str, list[float]] = {"16": [], "64": []}
@@ -131,42 +134,83 @@ def run_probes(dep: Deployment, quick: bool) -> dict[str, Any]:
     out["prefill_lone_s"] = {str(n): [ttft(send(url, [(n, 1)])[0])
                                       for _ in range(2 if quick else 3)]
                              for n in (256, 512, 1024)}
-    out["decode_ctx64"] = [steady_steps(send_load(url, [(64, 128)] * b))
-                           for b in (1, 2, 4, 8, 16)]
-    out["decode_b16_ctx1024"] = steady_steps(send_load(url, [(1024, 200)] * 16))
-    out["colocation"] = colocation_probe(url, 1 if quick else 2)
+    consistency: dict[str, Any] = {}
+    out["decode_ctx64"] = [decode_probe(url, [(64, 128)] * b, tol, tries, consistency,
+                                        f"decode_b{b}_ctx64") for b in (1, 2, 4, 8, 16)]
+    out["decode_b16_ctx1024"] = decode_probe(url, [(1024, 200)] * 16, tol, tries, consistency,
+                                             "decode_b16_ctx1024")
+    out["colocation"], consistency["colocation"] = colocation_probe(url, tol, tries)
+    out["consistency"] = consistency
     return out
 
 
-def colocation_probe(url: str, reps: int) -> dict[str, Any]:
+def decode_probe(url: str, shapes: list[tuple[int, int]], tol: float, tries: int,
+                 report: dict[str, Any], name: str) -> dict[str, Any]:
+    """`steady_steps` of a decode batch, repeated until two repetitions agree (mean step
+    within `tol`); the kept repetitions merged (mean step, summed gaps)."""
+    kept, report[name] = repeat_until_agree(lambda: steady_steps(send_load(url, shapes)),
+                                            lambda s: {"step_s": s["step_s"]}, tol,
+                                            max_tries=tries)
+    return {"batch": kept[0]["batch"], "step_s": float(np.mean([s["step_s"] for s in kept])),
+            "median_step_s": float(np.mean([s["median_step_s"] for s in kept])),
+            "gaps": sum(s["gaps"] for s in kept),
+            "context": float(np.mean([s["context"] for s in kept])),
+            "max_context": max(s["max_context"] for s in kept),
+            "one_chunk_per_token": all(s["one_chunk_per_token"] for s in kept),
+            "repetitions": kept}
+
+
+def colocation_probe(url: str, tol: float, tries: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Co-location at the validation workload's operating point: a small decode batch (short,
     Python-heavy steps, many SSE events) alone and while prefill-only requests of mid-length
     prompts (where TTFT p50 lies) run back to back; the prefills' TTFTs inside the batch's
-    steady window."""
-    alone: list[dict[str, Any]] = []
-    loaded: list[dict[str, Any]] = []
-    pre: dict[str, list[float]] = {str(n): [] for n in COLOC_PREFILL}
-    # every prefill of the loop against the decode batch's steady window (seconds from its
-    # start): how much of the window prefill computed, which a host model's f_d needs
-    loops: list[dict[str, Any]] = []
+    steady window. Repeated until two repetitions agree within `tol` on the decode step alone,
+    the step under the prefill loop and the long prompt's median TTFT under decode (the
+    quantities f_d and f_p come from); the kept ones are pooled. Returns (the probe, the
+    consistency report)."""
     batch = [(COLOC_DECODE[0], COLOC_DECODE[1])] * COLOC_DECODE[2]
-    for _ in range(reps):
-        alone.append(steady_steps(send_load(url, batch)))
-        d, ps = asyncio.run(_decode_under_prefill(url, batch, list(COLOC_PREFILL)))
-        check(d)
-        loaded.append(steady_steps(d))
-        a, b = steady_window(d)
-        loops.append({"window_s": b - a, "prefills": []})
-        for p in ps:
-            check(p)
-            r = p.records[0]
-            loops[-1]["prefills"].append({"prompt": r.input_len, "ttft_s": ttft(r),
-                                          "sent_s": p.started_unix + r.send_s - a})
-            if a <= p.started_unix + r.send_s and p.started_unix + ttft(r) + r.send_s <= b:
-                pre[str(r.input_len)].append(ttft(r))
+    kept, report = repeat_until_agree(lambda: _colocation_rep(url, batch), _colocation_summary,
+                                      tol, max_tries=tries)
+    pre: dict[str, list[float]] = {str(n): [] for n in COLOC_PREFILL}
+    for rep in kept:
+        for n, ts in rep["prefill_ttft_s"].items():
+            pre[n].extend(ts)
     return {"decode_batch": f"{COLOC_DECODE[2]} x ({COLOC_DECODE[0]} prompt, "
                             f"{COLOC_DECODE[1]} output)",
             "prefill_loop": f"prompts of {COLOC_PREFILL} tokens in turn, 1 "
                             "output token, back to back",
-            "decode_alone": alone, "decode_with_prefill": loaded,
-            "prefill_with_decode_ttft_s": pre, "prefill_loops": loops}
+            "decode_alone": [r["alone"] for r in kept],
+            "decode_with_prefill": [r["loaded"] for r in kept],
+            "prefill_with_decode_ttft_s": pre,
+            # every prefill of the loop against the decode batch's steady window (seconds from
+            # its start): how much of the window prefill computed, which a host model's f_d needs
+            "prefill_loops": [r["loop"] for r in kept]}, report
+
+
+def _colocation_rep(url: str, batch: list[tuple[int, int]]) -> dict[str, Any]:
+    """One repetition of the co-location probe: the batch alone, then under the prefill loop."""
+    alone = steady_steps(send_load(url, batch))
+    d, ps = asyncio.run(_decode_under_prefill(url, batch, list(COLOC_PREFILL)))
+    check(d)
+    a, b = steady_window(d)
+    loop: dict[str, Any] = {"window_s": b - a, "prefills": []}
+    pre: dict[str, list[float]] = {str(n): [] for n in COLOC_PREFILL}
+    for p in ps:
+        check(p)
+        r = p.records[0]
+        loop["prefills"].append({"prompt": r.input_len, "ttft_s": ttft(r),
+                                 "sent_s": p.started_unix + r.send_s - a})
+        if a <= p.started_unix + r.send_s and p.started_unix + ttft(r) + r.send_s <= b:
+            pre[str(r.input_len)].append(ttft(r))
+    return {"alone": alone, "loaded": steady_steps(d), "loop": loop, "prefill_ttft_s": pre}
+
+
+def _colocation_summary(rep: dict[str, Any]) -> dict[str, float]:
+    """The checked quantities of a co-location repetition (the long prompt's TTFT over the
+    whole loop if none fell inside the steady window)."""
+    n = str(max(COLOC_PREFILL))
+    long = rep["prefill_ttft_s"][n] or [p["ttft_s"] for p in rep["loop"]["prefills"]
+                                        if str(p["prompt"]) == n]
+    return {"decode_alone_step_s": rep["alone"]["step_s"],
+            "decode_loaded_step_s": rep["loaded"]["step_s"],
+            "long_prefill_ttft_s": float(np.median(long)) if long else float("nan")}
