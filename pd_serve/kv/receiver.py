@@ -1,7 +1,7 @@
 """Decode side of the KV hand-off: read a prefill slot buffer, verify it, RecvScatter it.
 
-Lifecycle (caller: the decode instance's hand-off code, one fetch at a time; `fetch` blocks up
-to its timeout):
+Lifecycle (caller: the decode instance's hand-off code, one fetch per staging buffer at a time;
+`fetch` blocks up to its timeout):
 1. constructed: allocates `num_staging` staging buffers sized for `staging_layout`
    (max_model_len tokens each) and registers them with the transport; fetches into different
    buffers may overlap (a layer-wise read waits on its prefill, so one buffer would hold up
@@ -13,7 +13,7 @@ to its timeout):
    (`read` does the same without the write, for callers that scatter on the engine thread);
    a layer-wise source (`read_layerwise`) is read while its prefill still runs: the progress
    trailer is polled and each newly staged run of layers read at once;
-3. `close()` deregisters the staging buffer.
+3. `close()` deregisters the staging buffers.
 Who frees what: the caller owns the reserved blocks (the engine's reservation) and cancels the
 reservation when `fetch` raises; a failed fetch registers nothing and drops the cached
 connection of the failing peer, so the next fetch from it reconnects.
@@ -98,9 +98,9 @@ class KVReceiver:
     def read(self, source: HandoffSource, block_table: list[int], mode: Mode = "bulk",
              timeout_s: float = 10.0, staging: int = 0) -> Any:
         """Reads and verifies the request's K/V without touching the cache; returns
-        [num_layers, 2, num_tokens, num_kv_heads, head_dim], a view of the staging buffer valid
-        until the next read (for callers that must run `write_kv` on the engine thread, since
-        a runner is not thread-safe). HandoffError on any failure."""
+        [num_layers, 2, num_tokens, num_kv_heads, head_dim], a view of staging buffer
+        `staging` valid until the next read into it (for callers that must run `write_kv` on
+        the engine thread, since a runner is not thread-safe). HandoffError on any failure."""
         layout = self._check(source, block_table, mode)
         if source.layerwise:
             raise HandoffError(f"hand-off of {source.request_id!r} is layer-wise: use "
