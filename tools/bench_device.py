@@ -61,9 +61,7 @@ from pd_device.settings import Settings  # noqa: E402
 MODES = ("cloud_only", "device_only", "pd_device")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    a = p.add_argument
+def _workload_args(a: Any) -> None:
     a("--model", type=Path, default=REPO / "models" / "shakespeare-llama")
     a("--traces", nargs="+", default=[f"{k}={v}" for k, v in DEFAULT_TRACES.items()],
       help="NAME=PATH of length CSVs (pd_serve.bench.trace_formats 'lengths')")
@@ -72,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--max-model-len", type=int, default=2048)
     a("--max-output", type=int, default=128)
     a("--seed", type=int, default=0)
+
+
+def _deployment_args(a: Any) -> None:
+    """The device, the cloud and the link between them."""
     a("--device-backend", default="mindspore")
     a("--device-threads", type=int, default=1)
     a("--device-slowdown", type=float, default=1.0, help="DeviceConfig.slowdown")
@@ -80,6 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--cloud-backend", default="torch")
     a("--cloud-device", default="cpu")
     a("--cloud-threads", type=int, default=1)
+    a("--link-rtt", type=float, default=0.0, help="emulated device-cloud RTT (s)")
+    a("--link-bandwidth", type=float, default=None, help="emulated link bits/s")
+    a("--link-loss", type=float, default=0.0, help="emulated segment loss probability")
+    a("--link-jitter", type=float, default=0.0, help="emulated one-way jitter (s)")
+
+
+def _planner_args(a: Any) -> None:
+    """Targets, the planner's margins and profiles, or fixed settings instead of it."""
     a("--profiles", type=Path, default=None, help="tools/profile_device.py output")
     a("--ttft-target", type=float, default=0.5)
     a("--max-tpot", type=float, default=0.1)
@@ -102,10 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--n-cloud", type=int, default=None, help="fixed N instead of the planner's")
     a("--rho", type=float, default=None, help="fixed rho instead of the planner's")
     a("--pace", type=float, default=None, help="fixed pace (s) instead of the planner's")
-    a("--link-rtt", type=float, default=0.0, help="emulated device-cloud RTT (s)")
-    a("--link-bandwidth", type=float, default=None, help="emulated link bits/s")
-    a("--link-loss", type=float, default=0.0, help="emulated segment loss probability")
-    a("--link-jitter", type=float, default=0.0, help="emulated one-way jitter (s)")
+
+
+def _evaluation_args(a: Any) -> None:
     a("--concurrency", type=int, default=4)
     a("--rhos", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75])
     a("--quality-requests", type=int, default=8)
@@ -114,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--quick", action="store_true", help="1 request per trace, short outputs, few rhos")
     a("--out", type=Path, default=None)
     a("--plot", type=Path, default=None, help="PNG (default: --out with .png)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for group in (_workload_args, _deployment_args, _planner_args, _evaluation_args):
+        group(p.add_argument)
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.max_output, args.max_model_len = 1, 24, 512
