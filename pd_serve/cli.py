@@ -82,6 +82,7 @@ def run_server(cfg: ServeConfig, log_level: str = "info") -> None:
     from pd_serve.backends.base import RunnerConfig
     from pd_serve.engine.async_engine import AsyncEngine
     from pd_serve.engine.engine import LLMEngine
+    from pd_serve.engine.step_trace import StepTrace
     from pd_serve.models.tokenizer import Tokenizer
 
     model_dir = resolve_model_path(cfg.model.path)
@@ -95,7 +96,9 @@ def run_server(cfg: ServeConfig, log_level: str = "info") -> None:
             logging.getLogger(__name__).info("warming up the %s runner", cfg.model.backend)
             warmup()
         tokenizer = Tokenizer(model_dir)
-        engine = AsyncEngine(LLMEngine(runner, tokenizer, cfg.cache, cfg.scheduler))
+        trace = (StepTrace.in_dir(cfg.server.step_trace_dir, "aggregated")
+                 if cfg.server.step_trace_dir else None)
+        engine = AsyncEngine(LLMEngine(runner, tokenizer, cfg.cache, cfg.scheduler), trace)
         config = uvicorn.Config(build_app(engine, tokenizer, cfg), host=cfg.server.host,
                                 port=cfg.server.port, log_level=log_level,
                                 timeout_graceful_shutdown=5)

@@ -84,6 +84,9 @@ class ServerConfig:
     port: int = 8000
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     max_tokens_default: int = 128
+    # a directory: every engine appends one JSON line per step to steps-<role>-<pid>.jsonl
+    # there (pd_serve.engine.step_trace; `pd-serve sim profile-steps` fits profiles from it)
+    step_trace_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

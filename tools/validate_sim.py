@@ -120,6 +120,7 @@ def measure(args: argparse.Namespace, work: Path, base: LatencyProfile) -> dict[
     real["load_avg_start"] = load_avg()
     dep = Deployment(work)
     try:
+        real["step_trace_dir"] = str(dep.step_trace_dir)
         real["deployment"] = {"config": dep.config, "processes": [
             " ".join(p.proc.args[2:]) if isinstance(p.proc.args, list) else str(p.proc.args)
             for p in dep.procs]}
@@ -183,7 +184,9 @@ def measure_rate(dep: Deployment, args: argparse.Namespace, work: Path, waits: d
     wl = workload_args(rate, n, args.seed, args.scale_factor)
     for attempt in range(2):
         quiet(args, waits, label if not attempt else f"{label}-redo")
+        t_start = time.time()
         res = bench(dep, wl, work / f"real_{label}.json", label)
+        res.update(t_start=t_start, t_end=time.time())  # the run's steps in the step traces
         res["disturbed_by"] = others(args.wait_for)
         if not res["disturbed_by"]:
             break

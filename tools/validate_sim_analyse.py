@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from validate_sim_calibrate import calibrate, hosted_sim, mean_field_sim
 from validate_sim_checks import drift, probe_quantities, session_flags
+from validate_sim_inrun import INRUN_SIMS, inrun_sims
 from validate_sim_lib import PROFILE, ROOT, sim_run
 
 from pd_serve.sim.latency import LatencyProfile
@@ -91,7 +92,25 @@ def _sims(base: LatencyProfile, profile_path: Path, cal: dict[str, Any], wl: lis
             "mean_field": mean_field_sim(base, cal, wl, work, tag)}
 
 
-def analyse_load(load: float, group: list[dict[str, Any]], sims: dict[str, dict[str, Any]],
+def sim_mean(sims: list[dict[str, Any]]) -> dict[str, float]:
+    """The mean over per-run simulations, by the bench's keys."""
+    return {key: float(np.mean([float(s["metrics"][key]) for s in sims])) for _, key in METRICS}
+
+
+def analyse_per_run(group: list[dict[str, Any]], reals: list[dict[str, float]],
+                    mean: dict[str, float], sims: list[dict[str, Any]], tol: float,
+                    ) -> dict[str, Any]:
+    """Simulations made per real run (tools/validate_sim_inrun.py): their mean against the
+    mean of the repeats, each against its own run."""
+    return {"commands": [s["command"] for s in sims],
+            "vs_mean": compare(mean, sim_mean(sims), tol),
+            "vs_runs": [compare(m, s["metrics"], tol) for m, s in zip(reals, sims)],
+            "per_request": [match(r["per_request"], s["records"]) for r, s in zip(group, sims)],
+            "fits": [{k: s[k] for k in ("steps", "fit_errors", "prefill", "decode", "rtt_ms",
+                                        "first_token_delay_ms")} for s in sims]}
+
+
+def analyse_load(load: float, group: list[dict[str, Any]], sims: dict[str, Any],
                  tol: float) -> dict[str, Any]:
     """One rate: the real repeats, their mean and spread, each simulation against the mean and
     against every repeat."""
@@ -107,6 +126,9 @@ def analyse_load(load: float, group: list[dict[str, Any]], sims: dict[str, dict[
         "real_mean": mean,
         "real_min": {n: min(m[n] for m in reals) for n, _ in METRICS},
         "real_max": {n: max(m[n] for m in reals) for n, _ in METRICS}}
+    for name in INRUN_SIMS:
+        if sims.get(name):
+            row[name] = analyse_per_run(group, reals, mean, sims[name], tol)
     for name in SIMS:
         sim = sims[name]
         row[name] = {"command": sim["command"], "vs_mean": compare(mean, sim["metrics"], tol),
@@ -125,16 +147,19 @@ def analyse(real: dict[str, Any], tol: float, work: Path) -> dict[str, Any]:
     profile_path = ROOT / real["reprofile"]["path"] if "reprofile" in real else PROFILE
     base = LatencyProfile.load(profile_path)
     cal = calibrate(real["probes"], base)
+    after_cal = calibrate(real["probes_after"], base) if "probes_after" in real else None
     rows = []
     for load, group in sorted(by_load(real["runs"]).items()):
         tag = f"load{load:g}"
-        sims = _sims(base, profile_path, cal, group[0]["workload_args"], work, tag)
+        sims: dict[str, Any] = _sims(base, profile_path, cal, group[0]["workload_args"], work,
+                                     tag)
+        sims.update(inrun_sims(real, base, cal, after_cal, group, work) or {})
         rows.append(analyse_load(load, group, sims, tol))
     flags = session_flags(real["probes"], "probes before")
     out: dict[str, Any] = {"profile": str(profile_path.relative_to(ROOT)), "calibration": cal,
                            "rows": rows, "verdict": verdict(rows), "flags": flags}
-    if "probes_after" in real:  # the probes repeated after the runs: did the machine drift?
-        after = calibrate(real["probes_after"], base)
+    if after_cal is not None:  # the probes repeated after the runs: did the machine drift?
+        after = after_cal
         out["calibration_after"] = after
         out["drift"] = drift(probe_quantities(real["probes"], cal),
                              probe_quantities(real["probes_after"], after), tol)
@@ -147,7 +172,9 @@ def analyse(real: dict[str, Any], tol: float, work: Path) -> dict[str, Any]:
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Passes per simulation: against the mean of the repeats and against every repeat."""
     out: dict[str, Any] = {}
-    for name in SIMS:
+    for name in (*INRUN_SIMS, *SIMS):
+        if any(name not in row for row in rows):
+            continue
         vs_mean = [c["pass"] for row in rows for c in row[name]["vs_mean"].values()]
         vs_runs = [c["pass"] for row in rows for run in row[name]["vs_runs"]
                    for c in run.values()]
@@ -157,19 +184,21 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], tol: float) -> None:
-    head = (f"{'load':>5} {'metric':>13} {'real mean':>9} {'min..max':>17} {'sim host':>9} "
-            f"{'err mean':>8} {'err per run':>16} {'mean-f.':>7} {'raw':>7}")
+    """Per rate and metric: the real mean and spread, then each simulation's error against the
+    mean (the first one's also against every repeat)."""
+    names = [n for n in (*INRUN_SIMS, *SIMS) if all(n in row for row in rows)]
+    head = (f"{'load':>5} {'metric':>13} {'real mean':>9} {'min..max':>17} "
+            f"{'per run (' + names[0] + ')':>22} " + " ".join(f"{n:>10}" for n in names))
     print(head)
     print("-" * len(head))
     for row in rows:
         for name, _ in METRICS:
-            h = row["host"]["vs_mean"][name]
-            runs = " ".join(f"{100 * r[name]['rel_err']:+.1f}" for r in row["host"]["vs_runs"])
-            print(f"{row['load']:5.2f} {name:>13} {h['real']:9.2f} "
-                  f"{row['real_min'][name]:8.2f}..{row['real_max'][name]:<7.2f} "
-                  f"{h['sim']:9.2f} {100 * h['rel_err']:+7.1f}% {runs:>16} "
-                  f"{100 * row['mean_field']['vs_mean'][name]['rel_err']:+6.1f}% "
-                  f"{100 * row['raw']['vs_mean'][name]['rel_err']:+6.1f}%")
+            first = row[names[0]]["vs_mean"][name]
+            runs = " ".join(f"{100 * r[name]['rel_err']:+.1f}" for r in row[names[0]]["vs_runs"])
+            errs = " ".join(f"{100 * row[n]['vs_mean'][name]['rel_err']:+9.1f}%" for n in names)
+            print(f"{row['load']:5.2f} {name:>13} {first['real']:9.2f} "
+                  f"{row['real_min'][name]:8.2f}..{row['real_max'][name]:<7.2f} {runs:>22} "
+                  f"{errs}")
     for name, v in verdict(rows).items():
         print(f"{name}: {v['vs_mean'][0]} of {v['vs_mean'][1]} within {100 * tol:.0f} % of the "
               f"mean of the repeats, {v['vs_runs'][0]} of {v['vs_runs'][1]} of every repeat")

@@ -101,6 +101,9 @@ class Deployment:
 
     def __init__(self, tmp: Path) -> None:
         self.config = pd_config()
+        # every engine writes its steps here (pd_serve.engine.step_trace)
+        self.step_trace_dir = tmp / "steps"
+        self.config["server"] = {"step_trace_dir": str(self.step_trace_dir)}
         self.config_path = tmp / "pd.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         common = ["--config", str(self.config_path)]

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from pd_serve.engine.outputs import RequestOutput
 from pd_serve.engine.sampling_params import SamplingParams
+from pd_serve.engine.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class _Stream:
 class AsyncEngine:
     """Runs an LLMEngine on one background thread and serves it to asyncio callers."""
 
-    def __init__(self, engine: EngineProtocol) -> None:
+    def __init__(self, engine: EngineProtocol, step_trace: StepTrace | None = None) -> None:
         self.engine = engine
+        self.step_trace = step_trace  # one line per step (pd_serve.engine.step_trace)
+        self._waited = True  # the thread waited for work since the last traced step
         self.max_model_len: int = int(engine.max_model_len)
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, str, Any]] = deque()  # guarded by _cond
@@ -109,6 +112,8 @@ class AsyncEngine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.step_trace is not None and not self.alive:  # only the engine thread writes it
+            self.step_trace.close()
         with self._cond:
             streams, self._streams = dict(self._streams), {}
             self._commands.clear()
@@ -195,6 +200,7 @@ class AsyncEngine:
         while True:
             with self._cond:
                 if self._running and not self._commands and not self.engine.has_unfinished():
+                    self._waited = True
                     self._cond.wait(timeout=_IDLE_REFRESH_S)
                 if not self._running:
                     return
@@ -223,11 +229,17 @@ class AsyncEngine:
                 self._guarded(self.engine.abort, request_id)
 
     def _step(self) -> None:
+        start, t0 = time.time(), time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - fail the affected requests, keep serving
             self._on_step_failure(exc)
             return
+        if self.step_trace is not None:
+            batch = getattr(self.engine, "last_batch", None)
+            if batch is not None:
+                self.step_trace.record(start, time.perf_counter() - t0, self._waited, batch)
+                self._waited = False
         self._steps += 1
         self._consecutive_failures = 0
         self._deliver(outputs)

@@ -83,6 +83,9 @@ class LLMEngine(HandoffMixin):
         self._parked: dict[str, Request] = {}  # prefill role: waiting for their hand-off
         self._reserved: dict[str, Reservation] = {}  # decode role: incoming hand-offs
         self._generate_ids = itertools.count()
+        # what the last `step` ran (step traces): ("prefill", [[prior, new], ...]),
+        # ("decode", [context per sequence, ...]) or None
+        self.last_batch: tuple[str, list] | None = None
 
     # ----- requests --------------------------------------------------------------------------
 
@@ -150,10 +153,14 @@ class LLMEngine(HandoffMixin):
         self._aborted.clear()
         sched = self.scheduler.schedule()
         if sched.prefills:
+            self.last_batch = ("prefill", [[sp.request.num_computed_tokens, sp.num_tokens]
+                                           for sp in sched.prefills])
             sampled = self._run_prefill(sched.prefills)
         elif sched.decodes:
+            self.last_batch = ("decode", [r.num_computed_tokens + 1 for r in sched.decodes])
             sampled = self._run_decode(sched.decodes)
         else:
+            self.last_batch = None
             sampled = []
         outputs.extend(self._append(req, token) for req, token in sampled)
         return outputs

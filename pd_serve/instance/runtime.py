@@ -22,6 +22,7 @@ from pd_serve.backends import create_runner
 from pd_serve.backends.base import ModelRunner, RunnerConfig
 from pd_serve.config import ServeConfig
 from pd_serve.engine.engine import LLMEngine
+from pd_serve.engine.step_trace import StepTrace
 from pd_serve.instance.role_engine import RoleEngine
 from pd_serve.models.tokenizer import Tokenizer
 
@@ -56,17 +57,22 @@ class Runtime:
             dtype=cfg.model.dtype, block_size=cfg.cache.block_size,
             num_blocks=cfg.cache.num_blocks, max_model_len=cfg.scheduler.max_model_len,
             threads=cfg.model.threads))
+        trace = None
         try:
             warmup = getattr(runner, "warmup", None)
             if callable(warmup):
                 warmup()
             tokenizer = Tokenizer(mdir)
             llm = LLMEngine(runner, tokenizer, cfg.cache, cfg.scheduler)
+            trace = (StepTrace.in_dir(cfg.server.step_trace_dir, role)
+                     if cfg.server.step_trace_dir else None)
             transport = make_transport(cfg)
         except BaseException:
+            if trace is not None:
+                trace.close()
             runner.close()
             raise
-        rt = cls(role, runner, tokenizer, RoleEngine(llm), transport, cfg=cfg)
+        rt = cls(role, runner, tokenizer, RoleEngine(llm, trace), transport, cfg=cfg)
         rt._attach(role)
         rt.engine.start()
         return rt

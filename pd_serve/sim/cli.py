@@ -1,6 +1,7 @@
 """`pd-serve sim`: the simulator's commands, a typer sub-app (`sim_app`).
 
 * `profile`: measures a real ModelRunner in this process and writes a latency profile JSON;
+* `profile-steps`: fits the same models on the steps of a real deployment (step traces);
 * `run`: replays a workload (built from the same options as `pd-serve bench run`) through a
   simulated deployment (groups given per scenario or planned from an instance budget) and
   prints and saves the summary.
@@ -89,6 +90,35 @@ def profile(
     console.print(f"prefill {prof.prefill}\ndecode  {prof.decode}\nhandoff {prof.handoff}\n"
                   f"fit errors {prof.provenance['fit_errors']}\nwrote {out} "
                   f"({prof.provenance['profiling_s']} s of profiling)")
+
+
+@sim_app.command("profile-steps")
+def profile_steps(
+        steps: Annotated[list[Path], typer.Argument(
+            help="Step traces (server.step_trace_dir: steps-<role>-<pid>.jsonl), or "
+                 "directories of them.")],
+        base: Annotated[Path, typer.Option(
+            help="Profile giving the hand-off model, KV bytes per token and the model forms "
+                 "(pd-serve sim profile).")],
+        out: Annotated[Path, typer.Option(help="Where to write the profile JSON.")],
+        since: Annotated[float | None, typer.Option(
+            help="Only steps that started at or after this wall-clock time (Unix s).")] = None,
+        until: Annotated[float | None, typer.Option(
+            help="Only steps that started before this wall-clock time (Unix s).")] = None,
+        step_time: Annotated[bool, typer.Option(
+            "--step-time", help="Time each step by its own duration, not its period (which "
+                                "adds the engine thread's work up to the next step).")] = False,
+) -> None:
+    """Fit the prefill and decode models on the steps a serving deployment really ran."""
+    from pd_serve.sim.steps import profile_from_steps, trace_files
+
+    files = _or_exit(lambda: trace_files(steps))
+    base_prof = _or_exit(lambda: LatencyProfile.load(base))
+    prof = _or_exit(lambda: profile_from_steps(files, base_prof, since, until, not step_time))
+    prof.save(out)
+    prov = prof.provenance
+    console.print(f"prefill {prof.prefill}\ndecode  {prof.decode}\nsteps {prov['steps']} "
+                  f"({prov['timing']} timing), fit errors {prov['fit_errors']}\nwrote {out}")
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -1,0 +1,93 @@
+"""Simulations of tools/validate_sim.py whose step times come from the deployment's own step
+traces (`server.step_trace_dir`, pd_serve.engine.step_trace) instead of the runner profile and
+the probes: the machine's speed as it was during the runs, which a shared VM changes by more
+than the tolerance within minutes (docs/benchmarks.md section 7).
+
+Three fits per real run (pd_serve.sim.steps, each step timed by its period: the step plus the
+engine thread's work up to the next one, the two instances sharing the cores included):
+* *other_rates*: the steps of the runs at the other rates only (never a run of this workload);
+* *held_out*: the steps of every other run of the session (other rates and the other repeat of
+  this rate), never the run the simulation is compared with;
+* *inrun*: the run's own steps. This checks what the simulator adds to the step times:
+  batching, queueing, admission, hand-off and the composition into TTFT and TPOT percentiles.
+Both simulate the run's workload with the first-token path of the probes (the mean of the probes
+before and after the runs) and its extra delay while the other instance computes
+(`--host-size 2`, factors 1: the periods already include the co-location slowdown).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from validate_sim_lib import sim_run
+
+from pd_serve.sim.latency import LatencyProfile
+from pd_serve.sim.steps import (
+    fit_samples,
+    profile_from_steps,
+    read_step_trace,
+    trace_files,
+    trace_samples,
+)
+
+INRUN_SIMS = ("other_rates", "held_out", "inrun")
+
+
+def rtt_terms(cal: dict[str, Any], after: dict[str, Any] | None) -> tuple[float, float]:
+    """(first-token path RTT, extra delay under load), ms: the probes before and after."""
+    cals = [cal] + ([after] if after else [])
+    rtt = float(np.mean([c["rtt_ms"] for c in cals]))
+    delay = float(np.mean([c["rtt_loaded_ms"] - c["rtt_ms"] for c in cals]))
+    return rtt, max(0.0, delay)
+
+
+def windows(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    return {r["label"]: (r["t_start"], r["t_end"]) for r in runs if "t_start" in r}
+
+
+def held_out_profile(traces: list[list[Any]], base: LatencyProfile, exclude: set[str],
+                     wins: dict[str, tuple[float, float]]) -> LatencyProfile:
+    """Fitted on the steps of every run not in `exclude` (each run's own window)."""
+    pre: list[Any] = []
+    dec: list[Any] = []
+    used = sorted(o for o in wins if o not in exclude)
+    for other in used:
+        p, d = trace_samples(traces, *wins[other])
+        pre += p
+        dec += d
+    return fit_samples(pre, dec, base, {"source": "step traces of other runs", "runs": used})
+
+
+def inrun_sims(real: dict[str, Any], base: LatencyProfile, cal: dict[str, Any],
+               after: dict[str, Any] | None, group: list[dict[str, Any]], work: Path,
+               ) -> dict[str, list[dict[str, Any]]] | None:
+    """Per simulation kind, one simulation per real run of `group` (same order); None when
+    the session has no step traces (sessions before they existed)."""
+    if not real.get("step_trace_dir") or any("t_start" not in r for r in real["runs"]):
+        return None
+    files = trace_files([Path(real["step_trace_dir"])])
+    traces = [read_step_trace(f)[1] for f in files]
+    wins = windows(real["runs"])
+    same_rate = {r["label"] for r in group}
+    rtt, delay = rtt_terms(cal, after)
+    extra = ["--host-size", "2", "--host-prefill-factor", "1", "--host-decode-factor", "1",
+             "--host-first-token-delay-ms", f"{delay:.3f}"]
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in INRUN_SIMS}
+    for run in group:
+        label = run["label"]
+        profiles = {"other_rates": held_out_profile(traces, base, same_rate, wins),
+                    "held_out": held_out_profile(traces, base, {label}, wins),
+                    "inrun": profile_from_steps(files, base, *wins[label])}
+        for kind, prof in profiles.items():
+            path = work / f"profile_{kind}_{label}.json"
+            prof.save(path)
+            sim = sim_run(path, run["workload_args"], rtt, work / f"sim{kind}_{label}.json",
+                          work / f"sim{kind}_{label}.jsonl", extra)
+            sim.update(rtt_ms=rtt, first_token_delay_ms=delay,
+                       steps=prof.provenance.get("steps"),
+                       fit_errors=prof.provenance.get("fit_errors"),
+                       prefill=prof.prefill.__dict__, decode=prof.decode.__dict__)
+            out[kind].append(sim)
+    return out
