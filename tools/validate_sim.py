@@ -50,7 +50,11 @@ Steps (one process, about 10 minutes on the 2-core VM; `--quick`: about 3):
    instance computes) and *mean field* (the earlier approximation, kept for comparison: every
    step scaled by the mean slowdown, iterated to a fixed point). Each is compared with the mean
    of the real repeats and with every repeat (tools/validate_sim_analyse.py). Nothing is
-   fitted to the validation runs.
+   fitted to the validation runs;
+6. per real run, three more simulations whose step models come from the deployment's step
+   traces (`server.step_trace_dir`; tools/validate_sim_inrun.py): *held_out* (the verdict:
+   the steps of every other run), *other_rates* (the runs at the other rates only) and
+   *inrun* (the run's own steps: what the simulator adds to given step times).
 
     python tools/validate_sim.py [--quick] [--out docs/results/sim_validation.json]
     python tools/validate_sim.py --reuse WORK/real.json   # analysis only, on saved real runs

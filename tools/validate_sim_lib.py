@@ -215,8 +215,10 @@ def reprofile() -> dict[str, Any]:
            "--out", str(REPROFILE.relative_to(ROOT))]
     load0 = load_avg()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    # the profile itself goes into real.json too: the file is overwritten by the next session's
+    # re-profile, and `--reuse` must analyse with this session's
     return {"command": cmdline(cmd), "load_avg_before": load0, "load_avg_after": load_avg(),
-            "path": str(REPROFILE.relative_to(ROOT))}
+            "path": str(REPROFILE.relative_to(ROOT)), "profile": json.loads(REPROFILE.read_text())}
 
 
 # ----- other runs on the machine -------------------------------------------------------------

@@ -66,3 +66,26 @@ def test_rtt_terms_average_the_probes_before_and_after() -> None:
 def test_sessions_without_step_traces_have_no_inrun_simulations(tmp_path: Path) -> None:
     real = {"runs": [{"label": "load0.3-r1"}]}
     assert inrun_sims(real, BASE, {}, None, real["runs"], tmp_path) is None
+
+
+def test_range_reading_and_verdict() -> None:
+    """The second reading: a value outside the band counts when the repeats themselves span
+    it; the verdict keeps the band's count beside it."""
+    from validate_sim_analyse import METRICS, range_reading, verdict
+
+    def cmp(real: float, sim: float) -> dict[str, float | bool]:
+        err = sim / real - 1
+        return {"real": real, "sim": sim, "rel_err": err, "pass": abs(err) <= 0.15}
+
+    names = [n for n, _ in METRICS]
+    row = {"real_min": dict.fromkeys(names, 16.0), "real_max": dict.fromkeys(names, 30.0),
+           "held_out": {"vs_mean": {n: cmp(23.0, 17.0) for n in names},  # -26 %, in range
+                        "vs_runs": [{n: cmp(16.0, 17.0) for n in names}]},
+           "host": {"vs_mean": {n: cmp(23.0, 12.0) for n in names},  # -48 %, below the range
+                    "vs_runs": [{n: cmp(16.0, 12.0) for n in names}]}}
+    range_reading(row)
+    assert all(c["in_real_range"] for c in row["held_out"]["vs_mean"].values())
+    assert not any(c["in_real_range"] for c in row["host"]["vs_mean"].values())
+    v = verdict([row])
+    assert v["held_out"] == {"vs_mean": [0, 5], "vs_runs": [5, 5], "vs_mean_or_in_range": [5, 5]}
+    assert v["host"]["vs_mean_or_in_range"] == [0, 5]
