@@ -10,13 +10,14 @@ engine thread's work up to the next one, the two instances sharing the cores inc
   this rate), never the run the simulation is compared with;
 * *inrun*: the run's own steps. This checks what the simulator adds to the step times:
   batching, queueing, admission, hand-off and the composition into TTFT and TPOT percentiles.
-Both simulate the run's workload with the first-token path of the probes (the mean of the probes
-before and after the runs) and its extra delay while the other instance computes
+All three simulate the run's workload with the first-token path of the probes (the mean of
+the probes before and after the runs) and its extra delay while the other instance computes
 (`--host-size 2`, factors 1: the periods already include the co-location slowdown).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,6 @@ def inrun_sims(real: dict[str, Any], base: LatencyProfile, cal: dict[str, Any],
             sim.update(rtt_ms=rtt, first_token_delay_ms=delay,
                        steps=prof.provenance.get("steps"),
                        fit_errors=prof.provenance.get("fit_errors"),
-                       prefill=prof.prefill.__dict__, decode=prof.decode.__dict__)
+                       prefill=asdict(prof.prefill), decode=asdict(prof.decode))
             out[kind].append(sim)
     return out

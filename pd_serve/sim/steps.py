@@ -91,8 +91,8 @@ def _record(p: Path, n: int, obj: dict[str, Any]) -> StepRecord:
 
 
 def periods(steps: Sequence[StepRecord]) -> list[float]:
-    """Each step's period (module docstring): up to the next step's start when the engine did
-    not wait in between, else the step's own time."""
+    """Each step's period (pd_serve.engine.step_trace): up to the next step's start when the
+    engine did not wait in between, else the step's own time."""
     out = []
     for i, st in enumerate(steps):
         nxt = steps[i + 1] if i + 1 < len(steps) else None
@@ -164,6 +164,8 @@ def _total_matched(model: M, samples: Sequence[Any]) -> tuple[M, float]:
     simulated instance must reproduce, includes."""
     pred = sum(model.time_of(s.chunks) if isinstance(model, PrefillModel)
                else model.time_of(s.contexts) for s in samples)
+    if not pred > 0:
+        raise ValueError("step traces: the fitted model predicts no time for these steps")
     k = sum(s.seconds for s in samples) / pred
     coefs = {f.name: getattr(model, f.name) * k for f in fields(model) if f.name != "padded"}
     return replace(model, **coefs), float(k)
