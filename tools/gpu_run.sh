@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a cap, log in $RAW/NAME.log
 
 for what in "$@"; do
   case $what in
-    tests) step gpu_tests 420 python -m pytest -q -p no:cacheprovider tests/gpu -rfs ;;
+    tests) step gpu_tests 420 python -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rfs ;;
     quick)
       step kernels_quick 150 python tools/bench_gpu_kernels.py --quick --out "$RAW/kernels_quick.json"
       step handoff_quick 150 python tools/bench_gpu_handoff.py --quick --out "$RAW/handoff_quick.json"

@@ -227,8 +227,11 @@ def test_gather_scatter_beyond_2g_elements() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 7, 300])
 def test_fused_layer_ops_match_reference(dtype: torch.dtype, n: int) -> None:
-    """Llama-3-8B shapes: rope + cache write exact (the kernel rounds where torch does),
-    residual + RMSNorm and SiLU * up within one ulp of the model dtype."""
+    """Llama-3-8B shapes: rope within one rounding of the torch formulation (on the GPU the
+    compiled kernel fuses the multiply-adds, so about a quarter of q/k elements differ by one
+    ulp in every dtype; exact under the interpreter), the cache holding exactly the kernel's
+    roped k and the untouched v; residual + RMSNorm and SiLU * up within one ulp of the model
+    dtype."""
     gen = torch.Generator(device="cuda").manual_seed(n)
     heads, kv_heads, dim, hidden, inter, slots_total = 32, 8, 128, 4096, 14336, 1024
 
@@ -247,7 +250,11 @@ def test_fused_layer_ops_match_reference(dtype: torch.dtype, n: int) -> None:
     rq, rk = torch.empty_like(q), torch.empty_like(k)
     pk.reference.ref_rope_cache(qkv, positions, cos, sin, slots, caches[1][0], caches[1][1],
                                 rq, rk)
-    assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(caches[0], caches[1])
+    one_ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(q, rq, rtol=one_ulp, atol=one_ulp)
+    torch.testing.assert_close(k, rk, rtol=one_ulp, atol=one_ulp)
+    assert torch.equal(caches[0][1], caches[1][1])  # v: copied, not computed
+    assert torch.equal(caches[0][0][slots], k.view(n, kv_heads, dim))  # the kernel's own k
     h, delta, weight = randn(n, hidden), randn(n, hidden), 1 + randn(hidden) / 4
     h_ref, x_ref = h.clone(), torch.empty_like(h)
     pk.reference.ref_add_rms_norm(h_ref, delta, weight, 1e-5, x_ref)
