@@ -2,9 +2,11 @@
 
 Each replaces a chain of small torch kernels (a dozen per layer at batch 1, where launch
 count, not bytes, sets the decode step time): residual add + RMSNorm, SiLU(gate) * up, and
-rope of q and k + the K/V cache write. They round to the model dtype exactly where the torch
-formulation in `pd_serve.backends.torch.model` rounds (after each elementwise op), so the fused
-path matches the unfused one up to the order of the norm's float32 sum.
+rope of q and k + the K/V cache write. They round to the model dtype where the torch
+formulation in `pd_serve.backends.torch.model` rounds (after each elementwise op). Under the
+Triton interpreter that makes them bit-identical to it; compiled for the GPU, the rope's
+multiply-adds are contracted, and about a quarter of q/k elements land one ulp away (measured
+on H200, docs/benchmarks.md 8e), besides the order of the norm's float32 sum.
 """
 
 from __future__ import annotations
