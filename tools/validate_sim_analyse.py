@@ -164,12 +164,14 @@ def analyse(real: dict[str, Any], tol: float, work: Path) -> dict[str, Any]:
     base = LatencyProfile.load(profile_path)
     cal = calibrate(real["probes"], base)
     after_cal = calibrate(real["probes_after"], base) if "probes_after" in real else None
+    per_run = inrun_sims(real, base, cal, after_cal, work) or {}
     rows = []
     for load, group in sorted(by_load(real["runs"]).items()):
         tag = f"load{load:g}"
         sims: dict[str, Any] = _sims(base, profile_path, cal, group[0]["workload_args"], work,
                                      tag)
-        sims.update(inrun_sims(real, base, cal, after_cal, group, work) or {})
+        sims.update({kind: [by_label[r["label"]] for r in group]
+                     for kind, by_label in per_run.items()})
         rows.append(analyse_load(load, group, sims, tol))
     flags = session_flags(real["probes"], "probes before")
     out: dict[str, Any] = {"profile": profile_name, "calibration": cal,

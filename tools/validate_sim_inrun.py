@@ -25,13 +25,7 @@ import numpy as np
 from validate_sim_lib import sim_run
 
 from pd_serve.sim.latency import LatencyProfile
-from pd_serve.sim.steps import (
-    fit_samples,
-    profile_from_steps,
-    read_step_trace,
-    trace_files,
-    trace_samples,
-)
+from pd_serve.sim.steps import fit_samples, read_step_trace, trace_files, trace_samples
 
 INRUN_SIMS = ("other_rates", "held_out", "inrun")
 
@@ -48,40 +42,49 @@ def windows(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     return {r["label"]: (r["t_start"], r["t_end"]) for r in runs if "t_start" in r}
 
 
-def held_out_profile(traces: list[list[Any]], base: LatencyProfile, exclude: set[str],
-                     wins: dict[str, tuple[float, float]]) -> LatencyProfile:
-    """Fitted on the steps of every run not in `exclude` (each run's own window)."""
-    pre: list[Any] = []
-    dec: list[Any] = []
-    used = sorted(o for o in wins if o not in exclude)
-    for other in used:
-        p, d = trace_samples(traces, *wins[other])
-        pre += p
-        dec += d
-    return fit_samples(pre, dec, base, {"source": "step traces of other runs", "runs": used})
+Samples = tuple[list[Any], list[Any]]  # (prefill, decode) latency samples
+
+
+def run_samples(traces: list[list[Any]], wins: dict[str, tuple[float, float]],
+                ) -> dict[str, Samples]:
+    """Each run's step samples (its own window), read out of the traces once."""
+    return {label: trace_samples(traces, a, b) for label, (a, b) in wins.items()}
+
+
+def fit_runs(samples: dict[str, Samples], base: LatencyProfile, runs: list[str],
+             ) -> LatencyProfile:
+    """Step models fitted on the steps of `runs` together."""
+    pre = [s for r in runs for s in samples[r][0]]
+    dec = [s for r in runs for s in samples[r][1]]
+    return fit_samples(pre, dec, base, {"source": "step traces of runs", "runs": runs})
+
+
+def fit_sets(runs: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, list[str]]:
+    """Per simulation kind, the labels of the runs whose steps its models are fitted on."""
+    others = sorted(r["label"] for r in runs if r["label"] != run["label"])
+    same_rate = {r["label"] for r in runs if r["load"] == run["load"]}
+    return {"other_rates": [r for r in others if r not in same_rate], "held_out": others,
+            "inrun": [run["label"]]}
 
 
 def inrun_sims(real: dict[str, Any], base: LatencyProfile, cal: dict[str, Any],
-               after: dict[str, Any] | None, group: list[dict[str, Any]], work: Path,
-               ) -> dict[str, list[dict[str, Any]]] | None:
-    """Per simulation kind, one simulation per real run of `group` (same order); None when
-    the session has no step traces (sessions before they existed)."""
-    if not real.get("step_trace_dir") or any("t_start" not in r for r in real["runs"]):
+               after: dict[str, Any] | None, work: Path,
+               ) -> dict[str, dict[str, dict[str, Any]]] | None:
+    """Per simulation kind, one simulation per real run, by the run's label; None when the
+    session has no step traces (sessions before they existed)."""
+    runs = real["runs"]
+    if not real.get("step_trace_dir") or any("t_start" not in r for r in runs):
         return None
-    files = trace_files([Path(real["step_trace_dir"])])
-    traces = [read_step_trace(f)[1] for f in files]
-    wins = windows(real["runs"])
-    same_rate = {r["label"] for r in group}
+    traces = [read_step_trace(f)[1] for f in trace_files([Path(real["step_trace_dir"])])]
+    samples = run_samples(traces, windows(runs))
     rtt, delay = rtt_terms(cal, after)
     extra = ["--host-size", "2", "--host-prefill-factor", "1", "--host-decode-factor", "1",
              "--host-first-token-delay-ms", f"{delay:.3f}"]
-    out: dict[str, list[dict[str, Any]]] = {k: [] for k in INRUN_SIMS}
-    for run in group:
+    out: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in INRUN_SIMS}
+    for run in runs:
         label = run["label"]
-        profiles = {"other_rates": held_out_profile(traces, base, same_rate, wins),
-                    "held_out": held_out_profile(traces, base, {label}, wins),
-                    "inrun": profile_from_steps(files, base, *wins[label])}
-        for kind, prof in profiles.items():
+        for kind, fitted_on in fit_sets(runs, run).items():
+            prof = fit_runs(samples, base, fitted_on)
             path = work / f"profile_{kind}_{label}.json"
             prof.save(path)
             sim = sim_run(path, run["workload_args"], rtt, work / f"sim{kind}_{label}.json",
@@ -90,5 +93,5 @@ def inrun_sims(real: dict[str, Any], base: LatencyProfile, cal: dict[str, Any],
                        steps=prof.provenance.get("steps"),
                        fit_errors=prof.provenance.get("fit_errors"),
                        prefill=asdict(prof.prefill), decode=asdict(prof.decode))
-            out[kind].append(sim)
+            out[kind][label] = sim
     return out

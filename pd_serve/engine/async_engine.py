@@ -78,6 +78,8 @@ class AsyncEngine:
     def __init__(self, engine: EngineProtocol, step_trace: StepTrace | None = None) -> None:
         self.engine = engine
         self.step_trace = step_trace  # one line per step (pd_serve.engine.step_trace)
+        if step_trace is not None:  # the engine keeps what each step ran only when traced
+            engine.record_batches = True  # type: ignore[attr-defined]
         self._waited = True  # the thread waited for work since the last traced step
         self.max_model_len: int = int(engine.max_model_len)
         self._cond = threading.Condition()
@@ -229,16 +231,18 @@ class AsyncEngine:
                 self._guarded(self.engine.abort, request_id)
 
     def _step(self) -> None:
-        start, t0 = time.time(), time.perf_counter()
+        trace = self.step_trace
+        if trace is not None:
+            start, t0 = time.time(), time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - fail the affected requests, keep serving
             self._on_step_failure(exc)
             return
-        if self.step_trace is not None:
+        if trace is not None:
             batch = getattr(self.engine, "last_batch", None)
             if batch is not None:
-                self.step_trace.record(start, time.perf_counter() - t0, self._waited, batch)
+                trace.record(start, time.perf_counter() - t0, self._waited, batch)
                 self._waited = False
         self._steps += 1
         self._consecutive_failures = 0

@@ -83,8 +83,9 @@ class LLMEngine(HandoffMixin):
         self._parked: dict[str, Request] = {}  # prefill role: waiting for their hand-off
         self._reserved: dict[str, Reservation] = {}  # decode role: incoming hand-offs
         self._generate_ids = itertools.count()
-        # what the last `step` ran (step traces): ("prefill", [[prior, new], ...]),
-        # ("decode", [context per sequence, ...]) or None
+        # with `record_batches` (set by a step trace), what the last `step` ran:
+        # ("prefill", [[prior, new], ...]), ("decode", [context per sequence, ...]) or None
+        self.record_batches = False
         self.last_batch: tuple[str, list] | None = None
 
     # ----- requests --------------------------------------------------------------------------
@@ -152,15 +153,17 @@ class LLMEngine(HandoffMixin):
         outputs = [self._output(req, [], "") for req in self._aborted]
         self._aborted.clear()
         sched = self.scheduler.schedule()
+        if self.record_batches:
+            self.last_batch = (
+                ("prefill", [[sp.request.num_computed_tokens, sp.num_tokens]
+                             for sp in sched.prefills]) if sched.prefills else
+                ("decode", [r.num_computed_tokens + 1 for r in sched.decodes])
+                if sched.decodes else None)
         if sched.prefills:
-            self.last_batch = ("prefill", [[sp.request.num_computed_tokens, sp.num_tokens]
-                                           for sp in sched.prefills])
             sampled = self._run_prefill(sched.prefills)
         elif sched.decodes:
-            self.last_batch = ("decode", [r.num_computed_tokens + 1 for r in sched.decodes])
             sampled = self._run_decode(sched.decodes)
         else:
-            self.last_batch = None
             sampled = []
         outputs.extend(self._append(req, token) for req, token in sampled)
         return outputs

@@ -10,7 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from validate_sim_inrun import held_out_profile, inrun_sims, rtt_terms, windows  # noqa: E402
+from validate_sim_inrun import (  # noqa: E402
+    fit_runs,
+    fit_sets,
+    inrun_sims,
+    rtt_terms,
+    run_samples,
+    windows,
+)
 
 from pd_serve.sim.latency import DecodeModel, HandoffModel, LatencyProfile, PrefillModel  # noqa: E402
 from pd_serve.sim.steps import StepRecord  # noqa: E402
@@ -38,21 +45,26 @@ def run_steps(t0: float, k: float) -> list[StepRecord]:
 def test_each_fit_sees_only_the_runs_it_may() -> None:
     # three runs: a (rate 1, machine fast), b (rate 1 again, slow), c (rate 2, slower)
     steps = run_steps(0.0, 1.0) + run_steps(100.0, 1.5) + run_steps(200.0, 2.0)
-    wins = windows([{"label": "a", "t_start": 0.0, "t_end": 99.0},
-                    {"label": "b", "t_start": 100.0, "t_end": 199.0},
-                    {"label": "c", "t_start": 200.0, "t_end": 299.0},
-                    {"label": "old run without a window"}])
+    runs = [{"label": "a", "load": 0.3, "t_start": 0.0, "t_end": 99.0},
+            {"label": "b", "load": 0.3, "t_start": 100.0, "t_end": 199.0},
+            {"label": "c", "load": 0.6, "t_start": 200.0, "t_end": 299.0}]
+    wins = windows([*runs, {"label": "old run without a window"}])
     assert set(wins) == {"a", "b", "c"}
-    other_rates = held_out_profile([steps], BASE, {"a", "b"}, wins)
+    sets = fit_sets(runs, runs[0])
+    assert sets == {"other_rates": ["c"], "held_out": ["b", "c"], "inrun": ["a"]}
+    samples = run_samples([steps], wins)
+    other_rates = fit_runs(samples, BASE, sets["other_rates"])
     assert other_rates.provenance["runs"] == ["c"]
     assert other_rates.decode.time(3, 200) == pytest.approx(2.0 * BASE.decode.time(3, 200))
-    held_out = held_out_profile([steps], BASE, {"a"}, wins)
+    held_out = fit_runs(samples, BASE, sets["held_out"])
     assert held_out.provenance["runs"] == ["b", "c"]
     assert held_out.provenance["steps"] == {"prefill": 40, "decode": 80}
     ratio = held_out.prefill.time(1, 500, 0) / BASE.prefill.time(1, 500, 0)
     assert 1.5 < ratio < 2.0  # between the two runs it was fitted on
+    assert fit_runs(samples, BASE, sets["inrun"]).decode.time(3, 200) == pytest.approx(
+        BASE.decode.time(3, 200))
     with pytest.raises(ValueError, match="0 prefill and 0 decode"):
-        held_out_profile([steps], BASE, {"a", "b", "c"}, wins)
+        fit_runs(samples, BASE, [])
 
 
 def test_rtt_terms_average_the_probes_before_and_after() -> None:
@@ -65,7 +77,7 @@ def test_rtt_terms_average_the_probes_before_and_after() -> None:
 
 def test_sessions_without_step_traces_have_no_inrun_simulations(tmp_path: Path) -> None:
     real = {"runs": [{"label": "load0.3-r1"}]}
-    assert inrun_sims(real, BASE, {}, None, real["runs"], tmp_path) is None
+    assert inrun_sims(real, BASE, {}, None, tmp_path) is None
 
 
 def test_range_reading_and_verdict() -> None:
